@@ -1,0 +1,79 @@
+"""A unit task as a Flyte task of the custom type `cornserve`.
+
+The TaskTemplate carries everything the connector needs to run it on a persistent executor: the
+unit task's JSON, its execution descriptor and its deployment id (in `custom`), and the Flyte
+metadata set in its `options`. Its interface is the unit task's input and output models, one Flyte
+variable per field, so TensorRefs wire from node to node field by field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from flytekit.configuration import SerializationSettings
+from flytekit.core.base_task import PythonTask, TaskMetadata
+from flytekit.core.interface import Interface
+
+from flyte_cornserve.descriptors import descriptor_for
+from flyte_cornserve.task import UnitTask
+
+from . import tensor_ref_type  # noqa: F401  (registers the TensorRef transformer)
+
+TASK_TYPE = "cornserve"
+
+_flyte_tasks: dict[str, CornserveTask] = {}
+
+
+class CornserveTask(PythonTask):
+    """Flyte's view of one unit task instance; executed by the cornserve connector, never in a pod."""
+
+    def __init__(self, unit_task: UnitTask) -> None:
+        input_model, output_model = unit_task.io_models()
+        options = unit_task.options
+        super().__init__(
+            task_type=TASK_TYPE,
+            name=flyte_task_name(unit_task),
+            interface=Interface(
+                inputs={name: info.annotation for name, info in input_model.model_fields.items()},
+                outputs={name: info.annotation for name, info in output_model.model_fields.items()},
+            ),
+            metadata=TaskMetadata(
+                retries=options.retries,
+                timeout=options.timeout,
+                cache=options.cache,
+                cache_version=options.cache_version,
+                interruptible=options.interruptible,
+            ),
+        )
+        self.unit_task = unit_task
+        self.descriptor = descriptor_for(unit_task)
+
+    def get_custom(self, settings: SerializationSettings) -> dict[str, Any]:
+        return {
+            "unit_task": json.loads(self.unit_task.to_json()),
+            "descriptor": self.descriptor.spec(),
+            "deployment_id": self.unit_task.deployment_id(),
+        }
+
+    def execute(self, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"{self.name} ({type(self.unit_task).__name__}) runs on a cornserve executor through the "
+            f"cornserve connector, which this version does not ship yet; it can be packaged and "
+            f"registered, not executed"
+        )
+
+
+def flyte_task_name(unit_task: UnitTask) -> str:
+    """Stable and unique per unit-task configuration, options included (they change the template)."""
+    digest = hashlib.sha256(unit_task.to_json().encode()).hexdigest()[:12]
+    return f"cornserve.{type(unit_task).__name__.lower()}.{digest}"
+
+
+def flyte_task(unit_task: UnitTask) -> CornserveTask:
+    """The one `CornserveTask` entity for this unit task (created once, reused by every node)."""
+    key = unit_task.to_json()
+    if key not in _flyte_tasks:
+        _flyte_tasks[key] = CornserveTask(unit_task)
+    return _flyte_tasks[key]

@@ -1,0 +1,29 @@
+"""The task abstraction: tasks as Pydantic objects, recorded into static graphs.
+
+Framework-free on purpose: nothing here imports flytekit, redis or torch.
+"""
+
+from .base import Task, UnitTask
+from .context import TaskContext, replay, trace
+from .errors import (
+    PlaceholderMisuseError,
+    ReplayMismatchError,
+    TaskDefinitionError,
+    TaskError,
+    TaskInputError,
+    UnknownTaskClassError,
+)
+from .graph import Edge, TaskGraph, TaskInvocation
+from .io import TaskIO
+from .options import Resources, TaskOptions
+from .placeholder import InputRef, OutputRef, Placeholder
+from .registry import load_plugins, unit_task_class, unit_task_classes, unit_task_from_json
+from .tensor_ref import DTYPE_ITEMSIZE, TensorRef
+
+__all__ = [
+    "DTYPE_ITEMSIZE", "Edge", "InputRef", "OutputRef", "Placeholder", "PlaceholderMisuseError",
+    "ReplayMismatchError", "Resources", "Task", "TaskContext", "TaskDefinitionError", "TaskError",
+    "TaskGraph", "TaskIO", "TaskInputError", "TaskInvocation", "TaskOptions", "TensorRef", "UnitTask",
+    "UnknownTaskClassError", "load_plugins", "replay", "trace", "unit_task_class", "unit_task_classes",
+    "unit_task_from_json",
+]

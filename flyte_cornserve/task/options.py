@@ -1,0 +1,59 @@
+"""Per-unit-task settings: the resources its executors need and how each invocation is run."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_QUANTITY = re.compile(r"^(\d+(\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+class Resources(BaseModel):
+    """What one executor of a unit task needs. Part of the deployment: it sizes the executors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpu: float = Field(default=1.0, gt=0, description="cores")
+    memory: str = Field(default="1Gi", description="Kubernetes-style quantity, e.g. 512Mi or 4Gi")
+    gpu: int = Field(default=0, ge=0)
+
+    @field_validator("memory")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        if not _QUANTITY.match(value):
+            raise ValueError(f"memory {value!r} is not a quantity like 512Mi or 4Gi")
+        return value
+
+    @property
+    def memory_bytes(self) -> int:
+        number, _, unit = _QUANTITY.match(self.memory).groups()  # type: ignore[union-attr]
+        return int(float(number) * _UNITS[unit])
+
+
+class TaskOptions(BaseModel):
+    """How each invocation of a unit task is run. Not part of its deployment identity."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    retries: int = Field(default=0, ge=0, le=10, description="retries of recoverable failures")
+    timeout: timedelta | None = Field(default=None, description="deadline of one invocation")
+    cache: bool = False
+    cache_version: str = ""
+    interruptible: bool | None = None
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError("timeout must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _cache_needs_version(self) -> TaskOptions:
+        if self.cache and not self.cache_version:
+            raise ValueError("cache=True needs a cache_version")
+        return self
