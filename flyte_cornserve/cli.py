@@ -12,7 +12,9 @@ def main() -> None:
 
 def _register() -> None:
     # One line per subsystem; imports stay inside the subsystem's own cli module.
-    pass
+    from .sidecar.cli import sidecar
+
+    main.add_command(sidecar)
 
 
 _register()

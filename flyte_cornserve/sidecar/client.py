@@ -1,0 +1,217 @@
+"""What executors use: put a tensor into this node's sidecar, get one from anywhere, release it.
+
+    client = SidecarClient()                       # the sidecar of this node
+    ref = client.put(embeddings, consumers=1)      # -> TensorRef, small enough for a Flyte literal
+    tensor = client.get(ref, timeout=30)           # on any node
+    client.release(ref)
+
+Only `TensorRef`s travel through Flyte. A consumer that knows the id in advance (`put(..., id=...)`)
+may `get` it before the producer has written it and is woken when it is ready. On the producer's
+node, `get` returns a view of the sidecar's shared memory (no copy); elsewhere, the consumer's own
+sidecar pulls the bytes from the producer's sidecar first, and the view is of that copy.
+
+A view from `get` is valid until you `release` it, and must not be written to: other consumers may
+be reading the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from ..task.tensor_ref import TensorRef
+from . import tensors, wire
+from .arena import Arena
+from .connections import ConnectionPool
+from .directory import Directory, Member, TensorEntry, TensorState, default_sidecar_id
+from .errors import (
+    ProducerSidecarDead,
+    SidecarError,
+    SidecarUnavailable,
+    TensorNotFound,
+    TensorNotReady,
+)
+
+DEFAULT_TTL_S = 600.0
+DEFAULT_TIMEOUT_S = 60.0
+WAIT_SLICE_S = 1.0  # a get waits for a tensor's publication in blocking Redis calls this long
+IO_TIMEOUT_S = 30.0  # on top of a request's own timeout, for the sidecar's reply
+
+
+class SidecarClient:
+    """A connection to the sidecar of this node (`sidecar_id`, default `$CORNSERVE_SIDECAR_ID` or the host name)."""
+
+    def __init__(
+        self,
+        sidecar_id: str | None = None,
+        *,
+        redis_url: str | None = None,
+        namespace: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.sidecar_id = sidecar_id or default_sidecar_id()
+        self.directory = Directory.connect(redis_url, namespace)
+        self.token = os.environ.get(wire.ENV_TOKEN, "") if token is None else token
+        self._lock = threading.Lock()
+        self._arenas: dict[str, Arena] = {}
+        self._copies: dict[str, wire.Placement] = {}  # tensor id -> this node's copy of it
+        self._local = self._local_member()
+        self._connections = ConnectionPool(self._local.address, IO_TIMEOUT_S)
+
+    def put(
+        self,
+        tensor: tensors.TensorLike,
+        *,
+        consumers: int = 1,
+        ttl: float = DEFAULT_TTL_S,
+        id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> TensorRef:
+        """Copy `tensor` into this node's sidecar and return its ref.
+
+        The memory is freed once `consumers` consumers have released it, or after `ttl` seconds
+        anyway. When the sidecar's memory cap is reached, waits up to `timeout` for room, then
+        raises `MemoryCapExceeded`. `id` (default: a random one) lets consumers `get` before the put.
+        """
+        array, dtype = tensors.as_array(tensor)
+        ref = TensorRef(id=id or uuid.uuid4().hex, shape=array.shape, dtype=dtype, nbytes=array.nbytes, location=self.sidecar_id)
+        request = wire.AllocRequest(token=self.token, ref=ref, consumers=consumers, ttl=ttl, timeout=timeout)
+        placement = self._call(request, wire.Placement, timeout)
+        try:
+            if ref.nbytes:
+                destination = self._arena(placement.arena).array(placement.offset, ref.shape, array.dtype)
+                np.copyto(destination, array, casting="no")
+            entry = TensorEntry(
+                ref=ref, holder=self.sidecar_id, arena=placement.arena, offset=placement.offset,
+                state=TensorState.READY, consumers=consumers, expires_at=placement.expires_at,
+            )  # fmt: skip
+            if not self.directory.publish(ref.id, entry, ttl):
+                raise SidecarError(f"tensor id {ref.id!r} is already in use; ids must be unique while their tensors live")
+        except BaseException:
+            self.directory.discard(ref.id, self.sidecar_id)
+            raise
+        return ref
+
+    def get(self, ref: TensorRef | str, *, timeout: float = DEFAULT_TIMEOUT_S) -> torch.Tensor:
+        """The tensor behind `ref` (or a bare id), waiting up to `timeout` for it to be written.
+
+        Raises `ProducerSidecarDead` as soon as the sidecar holding it stops heartbeating,
+        `TensorNotFound` if it was freed, `TensorNotReady` if it was not written in time.
+        """
+        deadline = time.monotonic() + timeout
+        entry = self._wait_until_ready(ref, deadline, timeout)
+        if entry.holder == self.sidecar_id:
+            arena_name, offset = entry.arena, entry.offset
+        else:
+            copy = self._copies.get(entry.ref.id) or self._fetch(entry.ref.id, max(0.0, deadline - time.monotonic()))
+            arena_name, offset = copy.arena, copy.offset
+        return tensors.tensor_over(self._arena(arena_name).buffer, offset, entry.ref.shape, entry.ref.dtype)
+
+    def release(self, ref: TensorRef | str) -> None:
+        """This consumer is done with the tensor: views from `get` must not be used any more."""
+        key = ref.id if isinstance(ref, TensorRef) else ref
+        with self._lock:
+            copy = self._copies.pop(key, None)
+        if copy is not None:
+            self.directory.release(copy.key, self.sidecar_id)
+        holder = ref.location if isinstance(ref, TensorRef) and ref.location else self.directory.holder_of(key)
+        if holder is not None:
+            self.directory.release(key, holder)
+
+    def stats(self) -> wire.Stats:
+        """Memory use of this node's sidecar."""
+        return self._call(wire.StatsRequest(token=self.token), wire.Stats, 0.0)
+
+    def close(self) -> None:
+        self._connections.close()
+        with self._lock:
+            self._arenas.clear()
+
+    def __enter__(self) -> SidecarClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _wait_until_ready(self, ref: TensorRef | str, deadline: float, timeout: float) -> TensorEntry:
+        key = ref.id if isinstance(ref, TensorRef) else ref
+        likely_holder = ref.location if isinstance(ref, TensorRef) and ref.location else self.sidecar_id
+        entry, holder_alive = self.directory.lookup(key, likely_holder)
+        if entry is not None:
+            if not holder_alive:
+                raise ProducerSidecarDead(f"tensor {key!r}: its sidecar {entry.holder!r} stopped heartbeating; the tensor is lost")
+            if entry.state is TensorState.RELEASED:
+                raise TensorNotFound(f"tensor {key!r} was already released by all its consumers")
+            return entry
+        if isinstance(ref, TensorRef):  # refs exist only after their put: a missing entry is gone for good
+            if ref.location and not self.directory.is_alive(ref.location):
+                raise ProducerSidecarDead(f"tensor {key!r}: its sidecar {ref.location!r} is not alive; the tensor is lost")
+            raise TensorNotFound(f"tensor {key!r} is gone: released by all its consumers, expired, or its sidecar restarted")
+        while True:  # a bare id, not published yet: wait for its publication
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TensorNotReady(f"tensor {key!r} was not written within {timeout:g} s")
+            published = self.directory.wait_published(key, min(remaining, WAIT_SLICE_S))
+            if published is not None:
+                return published
+
+    def _fetch(self, key: str, timeout: float) -> wire.Placement:
+        placement = self._call(wire.FetchRequest(token=self.token, id=key, timeout=timeout), wire.Placement, timeout)
+        with self._lock:
+            kept = self._copies.setdefault(key, placement)
+        if kept is not placement:  # another thread fetched it concurrently; keep one copy
+            self.directory.release(placement.key, self.sidecar_id)
+        return kept
+
+    def _local_member(self) -> Member:
+        member = self.directory.member(self.sidecar_id)
+        if member is None:
+            raise SidecarUnavailable(
+                f"no live sidecar {self.sidecar_id!r} in Redis namespace {self.directory.namespace!r}; "
+                f"start one with `cornserve sidecar --id {self.sidecar_id}`"
+            )
+        return member
+
+    def _arena(self, name: str) -> Arena:
+        with self._lock:
+            arena = self._arenas.get(name)
+            if arena is None:
+                try:
+                    arena = Arena.attach(pathlib.Path(self._local.shm_dir), name)
+                except FileNotFoundError:
+                    raise TensorNotFound(f"arena {name} of sidecar {self.sidecar_id!r} is gone; the sidecar restarted") from None
+                self._arenas = {name: arena}  # an older arena belongs to a previous incarnation of the sidecar
+            return arena
+
+    def _call(self, request: wire.Request, model: type[wire.Reply], timeout: float) -> wire.Reply:
+        """One request/reply with the local sidecar, over a pooled connection."""
+        for attempt in range(2):
+            try:
+                with self._connections.connection() as sock:
+                    wire.send_request(sock, request)
+                    return wire.recv_reply(sock, model, timeout + IO_TIMEOUT_S)
+            except ConnectionRefusedError as e:
+                if attempt == 0 and self._follow_restarted_sidecar():
+                    continue
+                raise SidecarUnavailable(f"cannot reach sidecar {self.sidecar_id!r} at {self._local.address}: {e}") from None
+            except (OSError, wire.ConnectionClosed) as e:
+                raise SidecarUnavailable(f"lost the connection to sidecar {self.sidecar_id!r} at {self._local.address}: {e!r}") from None
+        raise AssertionError("unreachable")
+
+    def _follow_restarted_sidecar(self) -> bool:
+        """Switch to the local sidecar's new address if it restarted; False if it did not."""
+        member = self.directory.member(self.sidecar_id)
+        if member is None or member.address == self._local.address:
+            return False
+        self._local = member
+        self._connections.close()
+        self._connections = ConnectionPool(member.address, IO_TIMEOUT_S)
+        return True

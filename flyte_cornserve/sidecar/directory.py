@@ -1,0 +1,267 @@
+"""The Redis side of the sidecars: who is alive, which sidecar holds which tensor, and who waits.
+
+Keys, under a namespace (default `cornserve`):
+
+| key | type | what |
+|---|---|---|
+| `ns:sidecar:<sid>` | hash, TTL = heartbeat TTL | membership: address, host, pid, shm folder, arena, capacity |
+| `ns:held:<sid>` | set | tensor keys the sidecar holds, to clean up after a crash |
+| `ns:released:<sid>` | list | tensor keys whose last consumer released them; the sidecar BLPOPs it |
+| `ns:entry:<key>` | hash, TTL = tensor TTL + grace | the tensor: ref, holder, arena, offset, state, consumers left, expiry |
+| `ns:ready:<key>` | stream | the entry again, once published; consumers that came early block on it (XREAD) |
+
+A tensor is published only once its bytes are written, so an entry is either ready or released.
+Every change that must be atomic (publish an id, count a release) is one Lua script. Waiting is
+always a blocking Redis call (XREAD BLOCK, BLPOP), never a sleep.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import socket
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import redis_server
+from ..task.tensor_ref import TensorRef
+from .errors import SidecarError
+
+DEFAULT_NAMESPACE = "cornserve"
+ENV_NAMESPACE = "CORNSERVE_NAMESPACE"
+ENV_SIDECAR_ID = "CORNSERVE_SIDECAR_ID"
+SIDECAR_ID_PATTERN = r"^[A-Za-z0-9-]{1,64}$"  # no "_": it separates the id in arena file names
+REDIS_GRACE_S = 60.0  # Redis expires a tensor's keys this long after its TTL, if its sidecar never did
+REDIS_TIMEOUT_S = 10.0  # a stuck Redis is an error, not a hang; so blocking calls wait in shorter slices
+
+
+def default_sidecar_id() -> str:
+    """`$CORNSERVE_SIDECAR_ID`, else the host name: one sidecar per node."""
+    return os.environ.get(ENV_SIDECAR_ID) or re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
+
+
+def check_sidecar_id(sidecar_id: str) -> str:
+    if not re.match(SIDECAR_ID_PATTERN, sidecar_id):
+        raise ValueError(f"sidecar id {sidecar_id!r} must match {SIDECAR_ID_PATTERN}")
+    return sidecar_id
+
+
+class Member(BaseModel):
+    """A sidecar as the others find it; `arena` also names this incarnation of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    address: str
+    host: str
+    pid: int
+    shm_dir: str
+    arena: str
+    capacity: int
+
+
+class TensorState(str, enum.Enum):
+    READY = "ready"
+    RELEASED = "released"
+
+
+class TensorEntry(BaseModel):
+    """A tensor in the directory. A cross-node copy has its own key but the original's `ref`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ref: TensorRef
+    holder: str = Field(description="sidecar whose arena holds the bytes")
+    arena: str
+    offset: int = Field(ge=0)
+    state: TensorState
+    consumers: int = Field(description="releases still expected")
+    expires_at: float = Field(description="unix time after which the holder frees it anyway")
+
+    def to_fields(self) -> dict[str, str]:
+        fields = self.model_dump(mode="json", exclude={"ref"})
+        return {"ref": self.ref.model_dump_json(), **{k: str(v) for k, v in fields.items()}}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> TensorEntry:
+        return cls.model_validate({**fields, "ref": json.loads(fields["ref"])})
+
+
+def _flatten(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
+
+
+_HEARTBEAT = """
+local arena = redis.call('HGET', KEYS[1], 'arena')
+if arena and arena ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+_PUBLISH = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[3], '*', unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[2] then return -1 end
+if redis.call('HGET', KEYS[1], 'state') == 'released' then return -1 end
+local left = redis.call('HINCRBY', KEYS[1], 'consumers', -1)
+if left <= 0 then
+  redis.call('HSET', KEYS[1], 'state', 'released')
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+end
+return left
+"""
+
+
+class Directory:
+    """Typed access to the sidecar keys of one namespace."""
+
+    def __init__(self, client: redis.Redis, namespace: str = DEFAULT_NAMESPACE) -> None:
+        if not client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("Directory needs a Redis client created with decode_responses=True")
+        self.redis = client
+        self.namespace = namespace
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._publish = client.register_script(_PUBLISH)
+        self._release = client.register_script(_RELEASE)
+
+    @classmethod
+    def connect(cls, url: str | None = None, namespace: str | None = None) -> Directory:
+        """A directory on `url` (default: the project's Redis) and `namespace` (default `$CORNSERVE_NAMESPACE`)."""
+        namespace = namespace or os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE
+        client = redis_server.connect(url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+        return cls(client, namespace)
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.namespace}:{kind}:{name}"
+
+    # --- membership ------------------------------------------------------------------------------
+
+    def member(self, sidecar_id: str) -> Member | None:
+        fields = self.redis.hgetall(self._key("sidecar", sidecar_id))
+        return Member.model_validate(fields) if fields else None
+
+    def is_alive(self, sidecar_id: str) -> bool:
+        return bool(self.redis.exists(self._key("sidecar", sidecar_id)))
+
+    def ensure_id_free(self, member: Member) -> None:
+        """Refuse to start a second live sidecar with `member`'s id; forget a crashed one's membership."""
+        existing = self.member(member.id)
+        if existing is None or existing.arena == member.arena:
+            return
+        if existing.host != member.host or _process_exists(existing.pid):
+            raise SidecarError(
+                f"sidecar id {member.id!r} is already in use by pid {existing.pid} on {existing.host} "
+                f"at {existing.address}; give each sidecar its own --id"
+            )
+        self.redis.delete(self._key("sidecar", member.id))
+
+    def heartbeat(self, member: Member, ttl: float) -> bool:
+        """Join or renew the membership; False if another incarnation has taken the id over."""
+        fields = {k: str(v) for k, v in member.model_dump().items()}
+        key = self._key("sidecar", member.id)
+        return bool(self._heartbeat(keys=[key], args=[member.arena, int(ttl * 1000), *_flatten(fields)]))
+
+    def deregister(self, member: Member) -> None:
+        key = self._key("sidecar", member.id)
+        if self.redis.hget(key, "arena") == member.arena:
+            self.redis.delete(key)
+
+    # --- tensors ---------------------------------------------------------------------------------
+
+    def publish(self, key: str, entry: TensorEntry, ttl: float) -> bool:
+        """Enter a written tensor under `key` and wake its waiting consumers; False if the key is taken."""
+        keys = [self._key("entry", key), self._key("held", entry.holder), self._key("ready", key)]
+        args = [key, int((ttl + REDIS_GRACE_S) * 1000), *_flatten(entry.to_fields())]
+        return bool(self._publish(keys=keys, args=args))
+
+    def entry(self, key: str) -> TensorEntry | None:
+        fields = self.redis.hgetall(self._key("entry", key))
+        return TensorEntry.from_fields(fields) if fields else None
+
+    def lookup(self, key: str, likely_holder: str) -> tuple[TensorEntry | None, bool]:
+        """The tensor's entry (None if absent) and whether its holder is alive.
+
+        One round trip when the holder is `likely_holder` (the ref's location, or this node).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self._key("entry", key))
+        pipe.exists(self._key("sidecar", likely_holder))
+        fields, likely_alive = pipe.execute()
+        if not fields:
+            return None, False
+        entry = TensorEntry.from_fields(fields)
+        return entry, bool(likely_alive) if entry.holder == likely_holder else self.is_alive(entry.holder)
+
+    def wait_published(self, key: str, timeout: float) -> TensorEntry | None:
+        """The tensor's entry as published, waiting up to `timeout` for it; None if it did not come.
+
+        The entry comes with the wake-up itself, saving a round trip. It is exact for a consumer
+        that has not released the tensor yet: until then it cannot be freed.
+        """
+        streams = self.redis.xread({self._key("ready", key): "0-0"}, count=1, block=max(1, int(timeout * 1000)))
+        if not streams:
+            return None
+        [(_, [(_, fields)])] = streams
+        return TensorEntry.from_fields(fields)
+
+    def holder_of(self, key: str) -> str | None:
+        return self.redis.hget(self._key("entry", key), "holder")
+
+    def release(self, key: str, holder: str) -> int:
+        """Count one consumer done; the last one queues the tensor for its holder to free.
+
+        Returns the releases still expected, or -1 if the tensor is gone or already released.
+        """
+        keys = [self._key("entry", key), self._key("released", holder)]
+        return int(self._release(keys=keys, args=[key, holder]))
+
+    def discard(self, key: str, holder: str) -> None:
+        """Ask the holder to free a tensor now, whatever its consumers (a put that failed)."""
+        self.redis.rpush(self._key("released", holder), key)
+
+    def next_released(self, sidecar_id: str, timeout: float) -> str | None:
+        """The next tensor key queued for this sidecar to free, waiting up to `timeout`."""
+        item = self.redis.blpop([self._key("released", sidecar_id)], timeout=timeout)
+        return item[1] if item else None
+
+    def forget(self, key: str, holder: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.delete(self._key("entry", key), self._key("ready", key))
+        pipe.srem(self._key("held", holder), key)
+        pipe.execute()
+
+    def forget_all(self, sidecar_id: str) -> int:
+        """Remove every tensor a sidecar holds, and its release queue; returns how many tensors."""
+        held = self.redis.smembers(self._key("held", sidecar_id))
+        pipe = self.redis.pipeline()
+        for key in held:
+            pipe.delete(self._key("entry", key), self._key("ready", key))
+        pipe.delete(self._key("held", sidecar_id), self._key("released", sidecar_id))
+        pipe.execute()
+        return len(held)
+
+    def keys(self) -> set[str]:
+        """Every key of this namespace (for diagnostics and tests)."""
+        return set(self.redis.scan_iter(match=f"{self.namespace}:*", count=1000))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

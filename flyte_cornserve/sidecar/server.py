@@ -1,0 +1,368 @@
+"""The per-node sidecar: owns the node's tensor memory and serves it to clients and other sidecars.
+
+One process per node. It
+- creates the node's arena (see `arena`) and places tensors in it for local producers (`alloc`),
+  waiting while the memory cap is reached (backpressure: woken by frees, never polling);
+- serves the bytes of tensors it holds to other sidecars (`read`), and pulls tensors held elsewhere
+  into its own arena for local consumers (`fetch`);
+- frees a tensor when its last consumer releases it (a Redis list it blocks on) or when its TTL
+  expires (a timer thread), and heartbeats its membership so consumers can tell it is alive;
+- on start, removes what a crashed earlier incarnation with the same id left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import hmac
+import logging
+import os
+import pathlib
+import secrets
+import socket
+import socketserver
+import threading
+import time
+
+import redis
+
+from .allocator import ExtentAllocator
+from .arena import Arena, new_arena_name, remove_stale_arenas
+from .connections import ConnectionPool
+from .directory import Directory, Member, TensorEntry, TensorState, check_sidecar_id
+from .errors import (
+    AuthenticationError,
+    MemoryCapExceeded,
+    ProducerSidecarDead,
+    ProtocolError,
+    SidecarError,
+    TensorNotFound,
+)
+from . import wire
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SidecarConfig:
+    sidecar_id: str
+    capacity: int
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: str | None = None  # how other sidecars reach this one; default: `host`
+    shm_dir: pathlib.Path = pathlib.Path("/dev/shm")
+    token: str = ""
+    heartbeat_ttl: float = 3.0
+    io_timeout: float = 30.0
+
+
+@dataclasses.dataclass
+class _Holding:
+    """A tensor in this sidecar's arena."""
+
+    offset: int
+    nbytes: int
+    expires_at: float
+    checksum: int | None = None  # computed on the first `read`, then reused
+
+
+class SidecarServer:
+    """The sidecar of one node; `start()` it, then `serve_forever()` until `shutdown()`."""
+
+    def __init__(self, config: SidecarConfig, directory: Directory) -> None:
+        check_sidecar_id(config.sidecar_id)
+        self.config = config
+        self.directory = directory
+        self._tcp = _TCPServer((config.host, config.port), self)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._space_freed = threading.Condition(self._lock)
+        self._schedule_changed = threading.Condition(self._lock)
+        self._holdings: dict[str, _Holding] = {}
+        self._expiries: list[tuple[float, str]] = []  # heap; entries of freed tensors are skipped
+        self._waiting = 0
+        self._allocator = ExtentAllocator(config.capacity)
+        self._peers: dict[str, ConnectionPool] = {}  # address -> connections to that sidecar
+        host, port = self._tcp.server_address[:2]
+        self.member = Member(
+            id=config.sidecar_id,
+            address=f"{config.advertise_host or host}:{port}",
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            shm_dir=str(config.shm_dir),
+            arena=new_arena_name(config.sidecar_id),
+            capacity=self._allocator.capacity,
+        )
+        self.arena: Arena | None = None
+
+    def start(self) -> None:
+        """Clean up after a crashed earlier incarnation, create the arena and join the membership."""
+        self.directory.ensure_id_free(self.member)
+        stale = remove_stale_arenas(self.config.shm_dir, self.config.sidecar_id)
+        forgotten = self.directory.forget_all(self.config.sidecar_id)
+        if stale or forgotten:
+            log.warning("sidecar %s: removed %d stale arena file(s) and %d stale tensor(s)", self.config.sidecar_id, len(stale), forgotten)
+        self.arena = Arena.create(self.config.shm_dir, self.member.arena, self._allocator.capacity)
+        self.directory.heartbeat(self.member, self.config.heartbeat_ttl)
+        for loop in (self._heartbeat_loop, self._release_loop, self._expiry_loop):
+            threading.Thread(target=_surviving_redis_errors(loop, self._stopping), name=loop.__name__, daemon=True).start()
+
+    def serve_forever(self) -> None:
+        """Serve until `shutdown()`, then free everything and leave the membership."""
+        try:
+            self._tcp.serve_forever(poll_interval=0.1)  # how soon shutdown() takes effect
+        finally:
+            self._close()
+
+    def shutdown(self) -> None:
+        """Stop serving; call from another thread than `serve_forever` (e.g. a signal handler's)."""
+        self._stopping.set()
+        with self._lock:
+            self._schedule_changed.notify_all()
+        self._tcp.shutdown()
+
+    def _close(self) -> None:
+        self._tcp.server_close()
+        for pool in list(self._peers.values()):
+            pool.close()
+        with self._lock:
+            keys = list(self._holdings)
+        for key in keys:
+            self._free(key)
+        self.directory.deregister(self.member)
+        if self.arena is not None:
+            self.arena.unlink()
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def handle_connection(self, sock: socket.socket) -> None:
+        """Serve requests on one connection until the peer closes it or breaks the protocol."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            try:
+                request = wire.recv_request(sock, self.config.io_timeout)
+                if not hmac.compare_digest(request.token.encode(), self.config.token.encode()):
+                    raise AuthenticationError("wrong or missing sidecar token")
+            except wire.ConnectionClosed:
+                return
+            except ProtocolError as e:
+                log.warning("dropping connection from %s: %s", _peer(sock), e)
+                _send_error_quietly(sock, e)
+                return
+            try:
+                if isinstance(request, wire.ReadRequest):
+                    self._serve_read(sock, request)
+                    continue
+                reply = self._dispatch(request)
+            except SidecarError as e:
+                wire.send_error(sock, e)
+                continue
+            except (redis.RedisError, ValueError) as e:
+                log.exception("%s request failed", request.op)
+                _send_error_quietly(sock, SidecarError(f"sidecar {self.config.sidecar_id!r} failed: {e!r}"))
+                return
+            wire.send_reply(sock, reply)
+
+    def _dispatch(self, request: wire.Request) -> wire.Placement | wire.Stats:
+        if isinstance(request, wire.AllocRequest):
+            return self._alloc(request)
+        if isinstance(request, wire.FetchRequest):
+            return self._fetch(request)
+        return self.stats()
+
+    def stats(self) -> wire.Stats:
+        with self._lock:
+            return wire.Stats(
+                sidecar=self.config.sidecar_id,
+                capacity=self._allocator.capacity,
+                used=self._allocator.used,
+                tensors=len(self._holdings),
+                waiting=self._waiting,
+                high_water=self._allocator.high_water,
+            )
+
+    def _alloc(self, request: wire.AllocRequest) -> wire.Placement:
+        expires_at = time.time() + request.ttl
+        offset = self._allocate(request.ref.id, request.ref.nbytes, expires_at, request.timeout)
+        return wire.Placement(key=request.ref.id, arena=self.arena.name, offset=offset, expires_at=expires_at)
+
+    def _fetch(self, request: wire.FetchRequest) -> wire.Placement:
+        entry = self.directory.entry(request.id)
+        if entry is None or entry.state is not TensorState.READY:
+            raise TensorNotFound(f"tensor {request.id!r} is not in the directory, or already released")
+        if entry.holder == self.config.sidecar_id:
+            raise SidecarError(f"tensor {request.id!r} is held by this sidecar; map it instead of fetching it")
+        holder = self.directory.member(entry.holder)
+        if holder is None:
+            raise ProducerSidecarDead(f"tensor {request.id!r}: its sidecar {entry.holder!r} is not alive; the tensor is lost")
+        key = f"{request.id}.copy.{secrets.token_hex(6)}"
+        offset = self._allocate(key, entry.ref.nbytes, entry.expires_at, request.timeout)
+        try:
+            self._pull(holder, entry, self.arena.view(offset, entry.ref.nbytes))
+            copy = entry.model_copy(update={"holder": self.config.sidecar_id, "arena": self.arena.name, "offset": offset, "consumers": 1})
+            self.directory.publish(key, copy, max(0.0, entry.expires_at - time.time()))
+        except BaseException:
+            self._free(key)
+            raise
+        return wire.Placement(key=key, arena=self.arena.name, offset=offset, expires_at=entry.expires_at)
+
+    def _pull(self, holder: Member, entry: TensorEntry, into: memoryview) -> None:
+        """Stream a tensor from the sidecar that holds it straight into `into`, validating everything."""
+        ref = entry.ref
+        try:
+            with self._peer(holder.address).connection() as sock:
+                wire.send_request(sock, wire.ReadRequest(token=self.config.token, id=ref.id))
+                wire.recv_reply(sock, wire.Empty, self.config.io_timeout)
+                header = wire.recv_tensor_header(sock)
+                announced, expected = (header.dtype, header.shape, header.nbytes), (ref.dtype, ref.shape, ref.nbytes)
+                if announced != expected:
+                    raise ProtocolError(f"sidecar {holder.id!r} announced (dtype, shape, nbytes) {announced} for tensor {ref.id!r}, the directory says {expected}")
+                wire.recv_tensor_payload(sock, into, header.checksum)
+        except wire.ConnectionClosed:
+            raise ProtocolError(f"sidecar {holder.id!r} closed the connection without replying") from None
+        except OSError as e:
+            raise ProducerSidecarDead(f"tensor {ref.id!r}: its sidecar {holder.id!r} at {holder.address} is unreachable ({e})") from None
+
+    def _peer(self, address: str) -> ConnectionPool:
+        with self._lock:
+            pool = self._peers.get(address)
+            if pool is None:
+                pool = self._peers[address] = ConnectionPool(address, self.config.io_timeout)
+            return pool
+
+    def _serve_read(self, sock: socket.socket, request: wire.ReadRequest) -> None:
+        entry = self.directory.entry(request.id)
+        with self._lock:
+            holding = self._holdings.get(request.id)
+        if entry is None or holding is None or entry.holder != self.config.sidecar_id or entry.state is not TensorState.READY:
+            raise TensorNotFound(f"sidecar {self.config.sidecar_id!r} holds no ready tensor {request.id!r}")
+        payload = self.arena.view(holding.offset, holding.nbytes)
+        if holding.checksum is None:
+            holding.checksum = wire.checksum(payload)
+        ref = entry.ref
+        wire.send_reply(sock, wire.Empty())
+        wire.send_tensor(sock, wire.TensorHeader(ref.dtype, ref.shape, ref.nbytes, holding.checksum), payload)
+
+    # --- memory ----------------------------------------------------------------------------------
+
+    def _allocate(self, key: str, nbytes: int, expires_at: float, timeout: float) -> int:
+        """Place `nbytes` in the arena, waiting up to `timeout` for frees when the cap is reached."""
+        size = self._allocator.size_for(nbytes)
+        if size > self._allocator.capacity:
+            raise MemoryCapExceeded(f"a tensor of {nbytes} bytes can never fit under sidecar {self.config.sidecar_id!r}'s memory cap of {self._allocator.capacity} bytes")
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if key in self._holdings:
+                raise SidecarError(f"tensor id {key!r} is already in use; ids must be unique while their tensors live")
+            self._waiting += 1
+            try:
+                while (offset := self._allocator.allocate(nbytes)) is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise MemoryCapExceeded(
+                            f"sidecar {self.config.sidecar_id!r}: no room for {nbytes} bytes within {timeout:g} s; "
+                            f"{self._allocator.used} of {self._allocator.capacity} bytes in use, largest free extent {self._allocator.largest_free}"
+                        )
+                    self._space_freed.wait(remaining)
+            finally:
+                self._waiting -= 1
+            self._holdings[key] = _Holding(offset, nbytes, expires_at)
+            if not self._expiries or expires_at < self._expiries[0][0]:
+                self._schedule_changed.notify()
+            heapq.heappush(self._expiries, (expires_at, key))
+        try:
+            self.arena.back(offset + size)
+        except OSError as e:
+            self._free(key)
+            raise MemoryCapExceeded(f"shared memory in {self.config.shm_dir} is full ({e}); lower the sidecar's memory cap") from None
+        return offset
+
+    def _free(self, key: str) -> None:
+        """Free a tensor: first remove it from the directory, so nobody finds it, then its extent."""
+        with self._lock:
+            holding = self._holdings.pop(key, None)
+        if holding is None:
+            return
+        self.directory.forget(key, self.config.sidecar_id)
+        with self._lock:
+            self._allocator.free(holding.offset)
+            self._space_freed.notify_all()
+
+    # --- background loops ------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(self.config.heartbeat_ttl / 3):
+            if not self.directory.heartbeat(self.member, self.config.heartbeat_ttl):
+                log.error("sidecar id %s was taken over by another process; stopping", self.config.sidecar_id)
+                threading.Thread(target=self.shutdown, daemon=True).start()
+                return
+
+    def _release_loop(self) -> None:
+        """Free each tensor whose last consumer released it."""
+        while not self._stopping.is_set():
+            key = self.directory.next_released(self.config.sidecar_id, timeout=1.0)
+            if key is not None:
+                self._free(key)
+
+    def _expiry_loop(self) -> None:
+        """Free tensors whose TTL passed before all their consumers released them (orphans)."""
+        while not self._stopping.is_set():
+            with self._lock:
+                due: list[str] = []
+                now = time.time()
+                while self._expiries and self._expiries[0][0] <= now:
+                    expires_at, key = heapq.heappop(self._expiries)
+                    holding = self._holdings.get(key)
+                    if holding is not None and holding.expires_at == expires_at:
+                        due.append(key)
+                if not due:
+                    self._schedule_changed.wait(self._expiries[0][0] - now if self._expiries else None)
+            for key in due:
+                log.info("tensor %s expired before all its consumers released it; freeing it", key)
+                self._free(key)
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], sidecar: SidecarServer) -> None:
+        self.sidecar = sidecar
+        super().__init__(address, _Handler)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        try:
+            self.server.sidecar.handle_connection(self.request)  # type: ignore[attr-defined]
+        except OSError as e:
+            log.info("connection from %s ended: %s", _peer(self.request), e)
+
+
+def _send_error_quietly(sock: socket.socket, error: SidecarError) -> None:
+    try:
+        wire.send_error(sock, error)
+    except OSError:
+        pass
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return "%s:%s" % sock.getpeername()[:2]
+    except OSError:
+        return "?"
+
+
+def _surviving_redis_errors(loop, stopping: threading.Event):
+    """Run `loop` until stopped, restarting it a second after a Redis error (e.g. Redis restarting)."""
+
+    def run() -> None:
+        while not stopping.is_set():
+            try:
+                return loop()
+            except redis.RedisError as e:
+                log.warning("%s: %r; retrying in 1 s", loop.__name__, e)
+                stopping.wait(1.0)
+
+    return run
