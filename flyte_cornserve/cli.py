@@ -12,9 +12,12 @@ def main() -> None:
 
 def _register() -> None:
     # One line per subsystem; imports stay inside the subsystem's own cli module.
+    from .executors.cli import executor
+    from .models.cli import models
     from .sidecar.cli import sidecar
 
-    main.add_command(sidecar)
+    for command in (sidecar, executor, models):
+        main.add_command(command)
 
 
 _register()

@@ -1,0 +1,1 @@
+"""Persistent executors: the runtime loop and the handlers that host a model (encoder, vLLM)."""

@@ -1,0 +1,153 @@
+"""The encoder executor: a vision encoder (Llava-style tower + projector, or any HF vision model)
+or a text encoder (mean-pooled sentence embeddings), batched, writing embeddings to the sidecar.
+
+Embeddings never go back through Redis: each is `put` into the node's sidecar and only its
+`TensorRef` is the invocation's output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import pathlib
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from flyte_cornserve.descriptors import TaskExecutionDescriptor
+from flyte_cornserve.models import resolve_model
+from flyte_cornserve.services.invocations import Invocation, Outcome
+from flyte_cornserve.task import TensorRef
+
+from .handler import Handler
+
+
+class TensorStore(Protocol):
+    """The part of the sidecar client an encoder needs."""
+
+    def put(self, tensor: Any) -> TensorRef: ...
+
+
+class BadItem(ValueError):
+    """This item cannot be encoded (undecodable image, ...): that invocation's user error."""
+
+
+def decode_image(data: str):
+    """A PIL image from a `data:` URL or a file path."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if data.startswith("data:"):
+            header, _, payload = data.partition(",")
+            if ";base64" not in header:
+                raise BadItem("a data: URL image must be base64-encoded")
+            raw = base64.b64decode(payload, validate=True)
+        else:
+            path = pathlib.Path(data)
+            if not path.is_file():
+                raise BadItem(f"{data[:200]!r} is neither a data: URL nor an existing file")
+            raw = path.read_bytes()
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+        return image.convert("RGB")
+    except (UnidentifiedImageError, binascii.Error, OSError) as exc:
+        raise BadItem(f"undecodable image: {exc}") from None
+
+
+class EncoderHandler(Handler):
+    max_batch_size = 16
+    max_wait_s = 0.002
+    max_in_flight = 16
+
+    def __init__(self, descriptor: TaskExecutionDescriptor, store: TensorStore) -> None:
+        args = descriptor.executor_args()
+        self.model_id: str = args["model_id"]
+        self.modality: str = args["modality"]
+        self.input_model, _ = descriptor.task.io_models()
+        self.store = store
+        self._encode = None
+
+    async def start(self) -> None:
+        self._encode = await asyncio.to_thread(self._load)
+
+    def _load(self):
+        import torch
+        from transformers import AutoConfig
+
+        path = resolve_model(self.model_id)
+        config = AutoConfig.from_pretrained(path)
+        torch.set_grad_enabled(False)
+        if self.modality == "text":
+            return _text_encoder(path)
+        if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+            return _llava_vision_encoder(path)
+        return _plain_vision_encoder(path)
+
+    async def handle(self, batch: list[Invocation]) -> list[Outcome]:
+        items: dict[int, Any] = {}
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        for i, invocation in enumerate(batch):
+            try:
+                data = self.input_model.model_validate(invocation.input).data
+                items[i] = decode_image(data) if self.modality == "image" else data
+            except ValidationError as exc:
+                outcomes[i] = Outcome.failed(f"invalid input: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+            except BadItem as exc:
+                outcomes[i] = Outcome.failed(str(exc))
+        if items:
+            refs = await asyncio.to_thread(self._encode_and_put, list(items.values()))
+            for i, ref in zip(items, refs, strict=True):
+                outcomes[i] = Outcome(output={"embeddings": ref.model_dump(mode="json")})
+        return outcomes  # type: ignore[return-value]
+
+    def _encode_and_put(self, items: list) -> list[TensorRef]:
+        return [self.store.put(tensor.contiguous()) for tensor in self._encode(items)]
+
+
+def _llava_vision_encoder(path: pathlib.Path):
+    """Vision tower + projector of a Llava-style checkpoint: exactly what the LLM's image slots take."""
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    processor = AutoImageProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    model.lm_head = None  # only the vision side is used here
+    model.model.language_model = None
+
+    def encode(images: list) -> list:
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        features = model.get_image_features(pixel_values=pixels)
+        features = getattr(features, "pooler_output", features)
+        return list(features)
+
+    return encode
+
+
+def _plain_vision_encoder(path: pathlib.Path):
+    from transformers import AutoImageProcessor, AutoModel
+
+    processor = AutoImageProcessor.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+
+    def encode(images: list) -> list:
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        return list(model(pixel_values=pixels).last_hidden_state)
+
+    return encode
+
+
+def _text_encoder(path: pathlib.Path):
+    """Sentence embeddings: the mean of the last hidden states over the real (unpadded) tokens."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+
+    def encode(texts: list[str]) -> list:
+        tokens = tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+        hidden = model(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return list((hidden * mask).sum(1) / mask.sum(1))
+
+    return encode

@@ -1,0 +1,271 @@
+"""The executor runtime: the loop shared by every executor.
+
+It reads its deployment's queue as one consumer of the group, batches (up to `max_batch_size`,
+waiting at most `max_wait_s` for a batch to fill), keeps up to `max_in_flight` invocations running,
+stores each outcome before acknowledging it, heartbeats, takes over the entries of executors whose
+heartbeat is gone, drains on SIGTERM, and serves /metrics (Prometheus) and /healthz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from flyte_cornserve.services.invocations import GROUP, ErrorKind, Invocation, InvocationStore, Outcome, queue_key
+
+from .handler import Handler
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 1000  # a blocking read's longest wait: bounds how long SIGTERM waits for the loop
+
+
+def executor_key(executor_id: str) -> str:
+    return f"cornserve:executor:{executor_id}"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.queue_depth = Gauge("cornserve_queue_depth", "invocations queued, not yet delivered", registry=self.registry)
+        self.in_flight = Gauge("cornserve_in_flight", "invocations being handled", registry=self.registry)
+        self.batch_size = Histogram("cornserve_batch_size", "invocations per batch", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.latency = Histogram("cornserve_invocation_seconds", "time from pick-up to stored outcome",
+                                 registry=self.registry)
+        self.outcomes = Counter("cornserve_invocations", "finished invocations", ["state"], registry=self.registry)
+
+
+class ExecutorRuntime:
+    def __init__(self, client: aioredis.Redis, deployment_id: str, handler: Handler, executor_id: str | None = None,
+                 heartbeat_s: float = 1.0, metrics_port: int | None = None) -> None:
+        self.redis = client
+        self.store = InvocationStore(client)
+        self.deployment_id = deployment_id
+        self.handler = handler
+        self.executor_id = executor_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.heartbeat_s = heartbeat_s
+        self.metrics = Metrics()
+        self.metrics_port = metrics_port
+        self._stopping = asyncio.Event()
+        self._in_flight = 0  # invocations reserved by a read and not yet finished
+        self._capacity = asyncio.Condition()
+        self._running: set[asyncio.Task] = set()
+        self._healthy = False
+
+    def request_stop(self) -> None:
+        """Stop taking work; invocations already running finish and are stored (graceful drain)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await self.store.ensure_queue(self.deployment_id)
+        await self.handler.start()
+        await self._heartbeat_once()
+        background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaim())]
+        server = self._serve_http() if self.metrics_port is not None else None
+        self._healthy = True
+        log.info("executor %s serving %s", self.executor_id, self.deployment_id)
+        try:
+            await self._consume()
+            if self._running:
+                await asyncio.wait(self._running)
+        finally:
+            self._healthy = False
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.redis.delete(executor_key(self.executor_id))
+            await self.handler.stop()
+            if server is not None:
+                server.shutdown()
+
+    async def _consume(self) -> None:
+        queue = queue_key(self.deployment_id)
+        backoff = 0.0
+        while not self._stopping.is_set():
+            free = await self._wait_for_capacity()
+            try:
+                entries = await self._read_batch(queue, min(free, self.handler.max_batch_size))
+            except RedisError as exc:  # Redis restarting or unreachable: keep the model, retry
+                backoff = min(max(2 * backoff, 0.1), 5.0)
+                log.warning("reading the queue failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                continue
+            backoff = 0.0
+            if entries:
+                self._in_flight += len(entries)
+                self._spawn(entries)
+
+    async def _wait_for_capacity(self) -> int:
+        async with self._capacity:
+            await self._capacity.wait_for(lambda: self._in_flight < self.handler.max_in_flight)
+            return self.handler.max_in_flight - self._in_flight
+
+    async def _release(self, count: int = 1) -> None:
+        async with self._capacity:
+            self._in_flight -= count
+            self._capacity.notify_all()
+
+    async def _read_batch(self, queue: str, capacity: int) -> list[tuple[str, str]]:
+        """Block (up to READ_BLOCK_MS, then the loop looks at SIGTERM) for the first entry, then
+        gather more for at most `max_wait_s`."""
+        reply = await self.redis.xreadgroup(GROUP, self.executor_id, {queue: ">"}, count=capacity, block=READ_BLOCK_MS)
+        entries = _entries(reply)
+        deadline = time.monotonic() + self.handler.max_wait_s
+        while len(entries) < capacity and (remaining := deadline - time.monotonic()) > 0:
+            more = _entries(await self.redis.xreadgroup(
+                GROUP, self.executor_id, {queue: ">"}, count=capacity - len(entries), block=max(1, int(remaining * 1000))
+            ))
+            if not more:
+                break
+            entries += more
+        return entries
+
+    def _spawn(self, entries: list[tuple[str, str]]) -> None:
+        task = asyncio.create_task(self._run_batch(entries))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, entries: list[tuple[str, str]]) -> None:
+        started = time.monotonic()
+        unreleased = len(entries)
+        try:
+            batch = []
+            for entry_id, invocation_id in entries:
+                invocation = await self.store.load(self.deployment_id, invocation_id, entry_id)
+                if invocation is None or not await self._admit(invocation):
+                    unreleased -= 1
+                    await self._release()
+                    continue
+                batch.append(invocation)
+            if not batch:
+                return
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.in_flight.inc(len(batch))
+            try:
+                outcomes = await self.handler.handle(batch)
+            except Exception as exc:  # a handler bug must not take the executor down
+                log.exception("handler failed on a batch of %d", len(batch))
+                outcomes = [Outcome.failed(f"executor error: {type(exc).__name__}: {exc}", ErrorKind.RECOVERABLE)] * len(batch)
+            for invocation, outcome in zip(batch, outcomes, strict=True):
+                await self.store.finish(invocation, outcome)
+                self.metrics.outcomes.labels(outcome.state.value).inc()
+                self.metrics.latency.observe(time.monotonic() - started)
+                self.metrics.in_flight.dec()
+                unreleased -= 1
+                await self._release()
+        except Exception:
+            log.exception("batch bookkeeping failed; its entries stay pending for a reclaim")
+        finally:
+            if unreleased:
+                await self._release(unreleased)
+
+    async def _admit(self, invocation: Invocation) -> bool:
+        """Mark it RUNNING here, unless it was cancelled, already finished, or is past its deadline."""
+        if invocation.deadline is not None and time.time() > invocation.deadline:
+            if await self.store.start(invocation, self.executor_id):
+                await self.store.finish(invocation, Outcome.failed("timed out before it ran", ErrorKind.RECOVERABLE))
+            else:
+                await self.store.acknowledge(invocation)
+            return False
+        if not await self.store.start(invocation, self.executor_id):
+            await self.store.acknowledge(invocation)
+            return False
+        return True
+
+    async def _heartbeat_once(self) -> None:
+        info = {"deployment_id": self.deployment_id, "pid": os.getpid(), "host": socket.gethostname()}
+        await self.redis.set(executor_key(self.executor_id), json.dumps(info), px=int(self.heartbeat_s * 3000))
+        groups = await self.redis.xinfo_groups(queue_key(self.deployment_id))
+        lag = next((g.get("lag") for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
+        self.metrics.queue_depth.set(lag or 0)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)  # the heartbeat period itself, not a race workaround
+            await self._heartbeat_once()
+
+    async def _reclaim(self) -> None:
+        """Take over entries held by consumers whose heartbeat expired (they died mid-invocation)."""
+        queue = queue_key(self.deployment_id)
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            if self._stopping.is_set():
+                return
+            for consumer in await self.redis.xinfo_consumers(queue, GROUP):
+                name = _text(consumer["name"])
+                if name == self.executor_id or await self.redis.exists(executor_key(name)):
+                    continue
+                pending = await self.redis.xpending_range(queue, GROUP, "-", "+", 1000, consumername=name)
+                if pending:
+                    ids = [p["message_id"] for p in pending]
+                    claimed = await self.redis.xclaim(queue, GROUP, self.executor_id, 0, ids)
+                    entries = [(_text(i), _text(f[b"id"])) for i, f in claimed if f]
+                    log.warning("took over %d invocations of dead executor %s", len(entries), name)
+                    for start in range(0, len(entries), self.handler.max_batch_size):
+                        chunk = entries[start:start + self.handler.max_batch_size]
+                        self._in_flight += len(chunk)
+                        self._spawn(chunk)
+                await self.redis.xgroup_delconsumer(queue, GROUP, name)
+
+    def _serve_http(self) -> ThreadingHTTPServer:
+        runtime = self
+
+        class Endpoints(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/metrics":
+                    body, status = generate_latest(runtime.metrics.registry), 200
+                elif self.path == "/healthz":
+                    body, status = (b"ok\n", 200) if runtime._healthy else (b"starting or stopping\n", 503)
+                else:
+                    body, status = b"not found\n", 404
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", self.metrics_port), Endpoints)
+        self.metrics_port = server.server_address[1]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+
+def install_signal_handlers(runtime: ExecutorRuntime) -> None:
+    """SIGTERM/SIGINT drain and stop; SIGUSR1 logs where every task of the loop is waiting."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runtime.request_stop)
+    loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
+
+
+def _log_tasks() -> None:
+    for task in asyncio.all_tasks():
+        lines, awaited = [], task.get_coro()
+        while awaited is not None:  # follow the chain of awaits down to where it is suspended
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is not None:
+                lines.append(f"\n    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None) or getattr(awaited, "ag_await", None)
+        log.warning("task %s%s", task.get_name(), "".join(lines))
+
+
+def _entries(reply) -> list[tuple[str, str]]:
+    return [(_text(entry_id), _text(fields[b"id"])) for _, entries in (reply or []) for entry_id, fields in entries]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,151 @@
+"""The vLLM executor: one in-process vLLM engine serving many invocations at once.
+
+Each invocation becomes one engine request as soon as it arrives (the engine's continuous batching
+interleaves them). Image embeddings arrive as `TensorRef`s: their shape and dtype are checked
+against the model's config *before* the tensor is fetched from the sidecar or handed to the engine,
+because a wrong shape can take the engine down; a mismatch is that invocation's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from flyte_cornserve.descriptors import TaskExecutionDescriptor
+from flyte_cornserve.home import cornserve_home
+from flyte_cornserve.models import resolve_model
+from flyte_cornserve.services.invocations import ErrorKind, Invocation, Outcome
+from flyte_cornserve.task import TensorRef
+
+from .handler import Handler
+
+FLOAT_DTYPES = {"float16", "bfloat16", "float32"}
+FETCH_TIMEOUT_S = 30.0
+
+
+class TensorSource(Protocol):
+    """The part of the sidecar client the LLM needs."""
+
+    def get(self, ref: TensorRef, *, timeout: float) -> Any: ...
+
+    def release(self, ref: TensorRef) -> None: ...
+
+
+class BadEmbedding(ValueError):
+    pass
+
+
+class VLLMHandler(Handler):
+    max_batch_size = 32
+    max_wait_s = 0.0
+    max_in_flight = 64
+
+    def __init__(self, descriptor: TaskExecutionDescriptor, store: TensorSource) -> None:
+        args = descriptor.executor_args()
+        self.model_id: str = args["model_id"]
+        self.max_model_len: int = int(args.get("max_model_len", 256))
+        self.input_model, _ = descriptor.task.io_models()
+        self.store = store
+        self.engine = None
+        self.tokenizer = None
+        self.image_tokens = 0  # embedding rows per image; 0 for a text-only model
+        self.hidden_size = 0
+
+    async def start(self) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        for name, folder in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+            os.environ.setdefault(name, str(cornserve_home() / folder))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        path = resolve_model(self.model_id)
+        config = AutoConfig.from_pretrained(path)
+        multimodal = hasattr(config, "vision_config")
+        text_config = config.text_config if multimodal else config
+        self.hidden_size = text_config.hidden_size
+        self.image_tokens = int(getattr(config, "image_seq_length", 0)) if multimodal else 0
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        engine_args = AsyncEngineArgs(
+            model=str(path), dtype="float32", enforce_eager=True, seed=0,
+            max_model_len=min(self.max_model_len, text_config.max_position_embeddings),
+            disable_log_stats=True,
+            **({"enable_mm_embeds": True, "limit_mm_per_prompt": {"image": 0}} if multimodal else {}),
+        )
+        self.engine = AsyncLLM.from_engine_args(engine_args)
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None  # let vLLM's finalizer run now, while the interpreter is whole
+
+    async def handle(self, batch: list[Invocation]) -> list[Outcome]:
+        return list(await asyncio.gather(*(self._generate(invocation) for invocation in batch)))
+
+    async def _generate(self, invocation: Invocation) -> Outcome:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+
+        payload = dict(invocation.input)
+        sampling = payload.pop("sampling", {})
+        try:
+            request = self.input_model.model_validate(payload)
+            params = SamplingParams(
+                max_tokens=sampling.get("max_tokens", 64), temperature=sampling.get("temperature", 0.0),
+                top_p=sampling.get("top_p", 1.0), seed=sampling.get("seed"),
+            )
+            for ref in request.embeddings:
+                self._check(ref)
+        except (ValidationError, BadEmbedding, ValueError, TypeError) as exc:
+            return Outcome.failed(f"invalid input: {exc}")
+        fetched: list[TensorRef] = []
+        try:
+            tensors = []
+            for ref in request.embeddings:
+                tensors.append(await asyncio.to_thread(functools.partial(self.store.get, ref, timeout=FETCH_TIMEOUT_S)))
+                fetched.append(ref)
+            prompt: dict[str, Any] = {"prompt": self.format_prompt(request.prompt, len(tensors))}
+            if tensors:
+                prompt["multi_modal_data"] = {"image": _stack(tensors, self.image_tokens, self.hidden_size)}
+            final = None
+            async for final in self.engine.generate(prompt, params, request_id=invocation.id):
+                pass
+            return Outcome(output={"text": final.outputs[0].text})
+        except (ValueError, VLLMClientError) as exc:  # the request's own fault (prompt too long, ...)
+            return Outcome.failed(str(exc))
+        except TimeoutError as exc:
+            return Outcome.failed(f"embedding not available: {exc}", ErrorKind.RECOVERABLE)
+        finally:
+            for ref in fetched:
+                await asyncio.to_thread(self.store.release, ref)
+
+    def _check(self, ref: TensorRef) -> None:
+        if not self.image_tokens:
+            raise BadEmbedding(f"{self.model_id} is a text-only model; it takes no image embeddings")
+        shape = ref.shape[1:] if len(ref.shape) == 3 and ref.shape[0] == 1 else ref.shape
+        if tuple(shape) != (self.image_tokens, self.hidden_size):
+            raise BadEmbedding(
+                f"embedding {ref.id} has shape {list(ref.shape)}; {self.model_id} takes "
+                f"[{self.image_tokens}, {self.hidden_size}] per image"
+            )
+        if ref.dtype not in FLOAT_DTYPES:
+            raise BadEmbedding(f"embedding {ref.id} has dtype {ref.dtype}; expected one of {sorted(FLOAT_DTYPES)}")
+
+    def format_prompt(self, prompt: str, images: int) -> str:
+        """The model's conversation format around the prompt, one image slot per embedding."""
+        content = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        return "<image>" * images + prompt
+
+
+def _stack(tensors: list, rows: int, hidden: int):
+    import torch
+
+    return torch.stack([t.reshape(rows, hidden).to(torch.float32) for t in tensors])

@@ -1,0 +1,1 @@
+"""Control plane: the invocation protocol over Redis (and, later, resource and task managers)."""

@@ -1,0 +1,110 @@
+"""The encoder executor: real tiny Llava vision tower + projector, embeddings through the sidecar."""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+import torch
+from PIL import Image
+
+from cornserve_builtins.encoder import EncoderTask
+from flyte_cornserve.models.tiny import draw
+from flyte_cornserve.services.invocations import ErrorKind, InvocationStore, State
+from flyte_cornserve.task import TensorRef
+
+from .conftest import run
+
+TASK = EncoderTask(model_id="tiny-llava")
+
+
+def data_url(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def reference_embeddings(model_dir, image: np.ndarray) -> torch.Tensor:
+    """What transformers' own Llava computes for these pixels: vision tower, feature select, projector."""
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"])
+    return getattr(features, "pooler_output", features)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def encoder(executors, tiny_llava):
+    port = free_port()
+    process = executors.start(TASK, metrics_port=port)
+    process.metrics_port = port
+    return process
+
+
+async def submit_all(redis_url: str, inputs: list[dict], timeout: float = 120.0):
+    store = InvocationStore(aioredis.Redis.from_url(redis_url))
+    ids = [await store.submit(TASK.deployment_id(), item, timeout_s=timeout) for item in inputs]
+    return [await store.wait(i, timeout) for i in ids]
+
+
+def test_embeddings_equal_transformers_for_paths_and_data_urls(encoder, tiny_llava, sidecar_client, redis_url, tmp_path):
+    rng = random.Random(7)
+    images = [draw("red", "circle", "white", rng), draw("blue", "square", "black", rng), draw("green", "stripe", "yellow", rng)]
+    path = tmp_path / "image.png"
+    Image.fromarray(images[0]).save(path)
+    records = run(submit_all(redis_url, [{"data": str(path)}, {"data": data_url(images[1])}, {"data": data_url(images[2])}]))
+
+    for image, record in zip(images, records, strict=True):
+        assert record.state == State.DONE, record.error
+        ref = TensorRef.model_validate(record.output["embeddings"])
+        assert ref.shape == (16, 64) and ref.dtype == "float32"
+        got = sidecar_client.get(ref, timeout=30).clone()
+        sidecar_client.release(ref)
+        torch.testing.assert_close(got, reference_embeddings(tiny_llava, image), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("data:image/png;base64," + base64.b64encode(b"not a png at all").decode(), "undecodable image"),
+        ("data:image/png;base64,@@@", "undecodable image"),
+        ("data:image/png,rawbytes", "must be base64-encoded"),
+        ("/no/such/image.png", "neither a data: URL nor an existing file"),
+    ],
+)
+def test_bad_images_are_that_invocations_error_and_the_executor_keeps_serving(encoder, redis_url, data, message):
+    good = data_url(draw("red", "square", "blue", random.Random(1)))
+    bad_record, good_record = run(submit_all(redis_url, [{"data": data}, {"data": good}]))
+    assert bad_record.state == State.ERROR and message in bad_record.error
+    assert bad_record.error_kind == ErrorKind.USER
+    assert good_record.state == State.DONE
+    assert encoder.alive()
+
+
+def test_invalid_input_fields_name_the_field(encoder, redis_url):
+    (record,) = run(submit_all(redis_url, [{"image": "x.png"}]))
+    assert record.state == State.ERROR and "data" in record.error and "Field required" in record.error
+
+
+def test_health_and_metrics(encoder, redis_url):
+    run(submit_all(redis_url, [{"data": data_url(draw("red", "square", "blue", random.Random(2)))}]))
+    base = f"http://127.0.0.1:{encoder.metrics_port}"
+    assert urllib.request.urlopen(f"{base}/healthz").read() == b"ok\n"
+    metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+    done = [line for line in metrics.splitlines() if line.startswith('cornserve_invocations_total{state="DONE"}')]
+    assert done and float(done[0].split()[-1]) >= 1
+    assert "cornserve_batch_size_bucket" in metrics and "cornserve_queue_depth" in metrics
