@@ -12,6 +12,8 @@ One process per node. It
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import heapq
 import hmac
@@ -41,6 +43,9 @@ from .errors import (
 from . import wire
 
 log = logging.getLogger(__name__)
+
+HANG_UP_DRAIN_S = 0.5  # how long a broken connection's leftover input is drained before closing
+HANG_UP_DRAIN_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +153,7 @@ class SidecarServer:
             except ProtocolError as e:
                 log.warning("dropping connection from %s: %s", _peer(sock), e)
                 _send_error_quietly(sock, e)
+                _hang_up(sock)
                 return
             try:
                 if isinstance(request, wire.ReadRequest):
@@ -160,6 +166,7 @@ class SidecarServer:
             except (redis.RedisError, ValueError) as e:
                 log.exception("%s request failed", request.op)
                 _send_error_quietly(sock, SidecarError(f"sidecar {self.config.sidecar_id!r} failed: {e!r}"))
+                _hang_up(sock)
                 return
             wire.send_reply(sock, reply)
 
@@ -345,6 +352,21 @@ def _send_error_quietly(sock: socket.socket, error: SidecarError) -> None:
         wire.send_error(sock, error)
     except OSError:
         pass
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """End a connection after an error reply so that the peer can still read that reply.
+
+    Closing with unread bytes in the receive buffer makes the kernel send RST, which may discard the
+    reply on the peer's side; so half-close, and drain (bounded in time and bytes) what the peer
+    already sent before the socket is closed.
+    """
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(HANG_UP_DRAIN_S)
+        budget = HANG_UP_DRAIN_BYTES
+        while budget > 0 and (chunk := sock.recv(min(budget, 1 << 16))):
+            budget -= len(chunk)
 
 
 def _peer(sock: socket.socket) -> str:
