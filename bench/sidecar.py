@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from flyte_cornserve import redis_server
+from flyte_cornserve.home import use_project_tmp
 from flyte_cornserve.sidecar.client import SidecarClient
 from flyte_cornserve.sidecar.wire import CHUNK
 
@@ -199,6 +200,7 @@ def copyto(size: str) -> Callable[[], float]:
 def main() -> None:
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     url = redis_server.redis_url()
+    use_project_tmp()
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="bench-sidecar-"))
     sidecars = [_start_sidecar(sid, url, namespace) for sid in SIDECARS]
     context = multiprocessing.get_context("spawn")

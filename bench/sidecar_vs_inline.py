@@ -36,6 +36,7 @@ from stack import LocalStack  # noqa: E402
 from cornserve_builtins.llm import LLMInput, LLMTask  # noqa: E402
 from flyte_cornserve import redis_server  # noqa: E402
 from flyte_cornserve.descriptors import descriptor_for  # noqa: E402
+from flyte_cornserve.home import use_project_tmp  # noqa: E402
 from flyte_cornserve.models import resolve_model  # noqa: E402
 from flyte_cornserve.models.tiny import PROMPT  # noqa: E402
 from flyte_cornserve.services.invocations import InvocationStore, State  # noqa: E402
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
+    use_project_tmp()
     model_dir = resolve_model("tiny-llava")
     tensors = embeddings(args.requests)
 

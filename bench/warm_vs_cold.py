@@ -31,6 +31,7 @@ from stack import LocalStack  # noqa: E402
 
 from cornserve_builtins.encoder import EncoderTask  # noqa: E402
 from flyte_cornserve import redis_server  # noqa: E402
+from flyte_cornserve.home import use_project_tmp  # noqa: E402
 from flyte_cornserve.models import resolve_model  # noqa: E402
 from flyte_cornserve.models.tiny import draw  # noqa: E402
 from flyte_cornserve.services.invocations import InvocationStore, State  # noqa: E402
@@ -69,17 +70,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=100)
     count = parser.parse_args().count
+    use_project_tmp()
     resolve_model("tiny-llava")
-    image = pathlib.Path(tempfile.mkdtemp()) / "shape.png"
-    Image.fromarray(draw("red", "circle", "white", random.Random(0))).save(image)
+    with tempfile.TemporaryDirectory() as scratch:
+        image = pathlib.Path(scratch) / "shape.png"
+        Image.fromarray(draw("red", "circle", "white", random.Random(0))).save(image)
+        report(*measure(str(image), count), count)
 
+
+def measure(image: str, count: int) -> tuple[float, float, float, float]:
     started = time.perf_counter()
     with LocalStack() as stack:
         stack.start_executor(EncoderTask(model_id="tiny-llava"))
         startup = time.perf_counter() - started
-        warm_sequential, warm_batched = asyncio.run(warm(str(image), count))
-    cold_total = cold(str(image), count)
+        warm_sequential, warm_batched = asyncio.run(warm(image, count))
+    return startup, warm_sequential, warm_batched, cold(image, count)
 
+
+def report(startup: float, warm_sequential: float, warm_batched: float, cold_total: float, count: int) -> None:
     print(f"{'':28}{'total s':>10}{'per call ms':>14}")
     print(f"{'warm executor, sequential':28}{warm_sequential:>10.2f}{1000 * warm_sequential / count:>14.1f}")
     print(f"{'warm executor, all at once':28}{warm_batched:>10.2f}{1000 * warm_batched / count:>14.1f}")
