@@ -187,9 +187,7 @@ class ExecutorRuntime:
     async def _heartbeat_once(self) -> None:
         info = {"deployment_id": self.deployment_id, "pid": os.getpid(), "host": socket.gethostname()}
         await self.redis.set(executor_key(self.executor_id), json.dumps(info), px=int(self.heartbeat_s * 3000))
-        groups = await self.redis.xinfo_groups(queue_key(self.deployment_id))
-        lag = next((g.get("lag") for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
-        self.metrics.queue_depth.set(lag or 0)
+        self.metrics.queue_depth.set(await self.store.queue_depth(self.deployment_id))
 
     async def _heartbeat(self) -> None:
         while True:

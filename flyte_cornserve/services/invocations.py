@@ -227,7 +227,21 @@ class InvocationStore:
         return stored
 
     async def acknowledge(self, invocation: Invocation) -> None:
-        await self.redis.xack(queue_key(invocation.deployment_id), GROUP, invocation.entry_id)
+        """Done with the queue entry: acknowledge and delete it, so the stream holds only live work."""
+        queue = queue_key(invocation.deployment_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(queue, GROUP, invocation.entry_id)
+            pipe.xdel(queue, invocation.entry_id)
+            await pipe.execute()
+
+    async def queue_depth(self, deployment_id: str) -> int:
+        """Invocations queued for the deployment and not yet delivered to an executor."""
+        queue = queue_key(deployment_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(queue)
+            pipe.xpending(queue, GROUP)
+            length, pending = await pipe.execute()
+        return length - pending["pending"]
 
     async def transition(self, invocation_id: str, state: State, allowed: set[State], **fields: str) -> bool:
         ttl = RECORD_TTL_S if state in TERMINAL else 0

@@ -73,10 +73,11 @@ class Executors:
                 except subprocess.TimeoutExpired:
                     executor.kill()
         client = redis.Redis.from_url(self.redis_url)
-        for deployment in self._deployments:
-            for entry_id, fields in client.xrange(queue_key(deployment)):
-                invocation = fields[b"id"].decode()
+        for key in client.scan_iter(match=invocation_key("*")):
+            if not key.endswith(b":events") and client.hget(key, "deployment_id").decode() in self._deployments:
+                invocation = key.decode().removeprefix(invocation_key(""))
                 client.delete(invocation_key(invocation), events_key(invocation))
+        for deployment in self._deployments:
             client.delete(queue_key(deployment))
 
 

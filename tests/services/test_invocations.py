@@ -37,9 +37,11 @@ def test_submit_queues_and_an_executor_completes_it_once(redis_url):
         deployment = f"dep-{uuid.uuid4().hex[:8]}"
         invocation_id = await store.submit(deployment, {"prompt": "hi"}, timeout_s=60)
         assert (await store.record(invocation_id)).history == [State.CREATED, State.QUEUED]
+        assert await store.queue_depth(deployment) == 1
 
         invocation = await take(store, deployment, "executor-a")
         assert invocation.input == {"prompt": "hi"} and invocation.deadline is not None
+        assert await store.queue_depth(deployment) == 0  # delivered, in flight
         assert await store.start(invocation, "executor-a")
         assert await store.finish(invocation, Outcome(output={"text": "hello"}))
         # A second executor that also ran it (it was presumed dead) cannot overwrite the outcome.
@@ -52,6 +54,7 @@ def test_submit_queues_and_an_executor_completes_it_once(redis_url):
         assert record.history == [State.CREATED, State.QUEUED, State.RUNNING, State.DONE]
         pending = await store.redis.xpending(queue_key(deployment), "executors")
         assert pending["pending"] == 0  # acknowledged once stored
+        assert await store.redis.xlen(queue_key(deployment)) == 0  # and gone from the queue
 
     run(scenario())
 
