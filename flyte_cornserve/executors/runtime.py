@@ -122,6 +122,8 @@ class ExecutorRuntime:
         gather more for at most `max_wait_s`."""
         reply = await self.redis.xreadgroup(GROUP, self.executor_id, {queue: ">"}, count=capacity, block=READ_BLOCK_MS)
         entries = _entries(reply)
+        if not entries:
+            return entries  # nothing arrived: back to the loop, which looks at SIGTERM
         deadline = time.monotonic() + self.handler.max_wait_s
         while len(entries) < capacity and (remaining := deadline - time.monotonic()) > 0:
             more = _entries(await self.redis.xreadgroup(
