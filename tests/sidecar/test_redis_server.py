@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 import redis
 
 from flyte_cornserve import redis_server
+from flyte_cornserve.home import cornserve_home
 
 
 def _running(pid: int) -> bool:
@@ -20,11 +24,19 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_embedded_redis_serves_on_a_private_unix_socket_and_stops(tmp_path: pathlib.Path) -> None:
-    server = redis_server.EmbeddedRedis(home=tmp_path).start()
+@pytest.fixture
+def short_home() -> Iterator[pathlib.Path]:
+    """A home inside the project's cache: pytest's tmp_path can be too deep for a unix socket path."""
+    home = pathlib.Path(tempfile.mkdtemp(prefix="h", dir=cornserve_home()))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_embedded_redis_serves_on_a_private_unix_socket_and_stops(short_home: pathlib.Path) -> None:
+    server = redis_server.EmbeddedRedis(home=short_home).start()
     try:
         assert server.url.startswith("unix://")
-        assert server.socket_path.parent.parent == tmp_path
+        assert server.socket_path.parent.parent == short_home
         assert server.socket_path.parent.stat().st_mode & 0o777 == 0o700
         client = redis_server.connect(server.url)
         assert client.ping()
