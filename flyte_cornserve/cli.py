@@ -14,9 +14,10 @@ def _register() -> None:
     # One line per subsystem; imports stay inside the subsystem's own cli module.
     from .executors.cli import executor
     from .models.cli import models
+    from .services.cli import deploy, down, status, undeploy, up
     from .sidecar.cli import sidecar
 
-    for command in (sidecar, executor, models):
+    for command in (up, down, status, deploy, undeploy, sidecar, executor, models):
         main.add_command(command)
 
 

@@ -9,6 +9,10 @@ import tempfile
 import pytest
 from collections.abc import Iterator
 
+from flyte_cornserve.redis_server import ENV_URL
+
+from .stack import Stack
+
 PROJECT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = pathlib.Path(os.environ.get("CORNSERVE_HOME", PROJECT / ".cache"))
 
@@ -43,3 +47,19 @@ def redis_url() -> Iterator[str]:
             yield server.url
         finally:
             del os.environ[ENV_URL]
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The shared stack: room for several executors (this is accounting, not a limit of the machine)."""
+    started = Stack(redis_url, tmp_path_factory.mktemp("stack") / "control-plane.log",
+                    "--cpu", "8", "--memory", "32Gi", "--gpu", "0")
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def use_stack(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    """Local workflow runs in this test go to `stack` (as `pyflyte run` would with the URL set)."""
+    monkeypatch.setenv(ENV_URL, stack.url)
+    return stack

@@ -26,5 +26,18 @@ class Handler(ABC):
     async def handle(self, batch: list[Invocation]) -> list[Outcome]:
         """One outcome per invocation, in order. Bad input is that invocation's `Outcome.failed`."""
 
+    async def abort(self, invocation_ids: list[str]) -> None:
+        """Stop work on these invocations of a running `handle()` call, if you can: someone else
+        ended them meanwhile (cancelled, or timed out), so their outcomes will be dropped.
+
+        The runtime calls it at most once per invocation, from another task of the same event loop,
+        only while `handle()` runs for them and has reached its first `await` (so a `handle()` that
+        notes its batch before awaiting anything sees every abort). It must return promptly (not
+        wait for the work to stop). `handle()` must still return one outcome per invocation (any,
+        e.g. `Outcome.failed`), the sooner the better: that frees their places in `max_in_flight`.
+        The default does nothing: the batch runs to its end, which suits handlers whose batches are
+        short. (Invocations ended before `handle()` got them are not handed to it at all.)
+        """
+
     async def stop(self) -> None:
         """Release the model. Called once, after the last batch."""

@@ -3,7 +3,9 @@
 It reads its deployment's queue as one consumer of the group, batches (up to `max_batch_size`,
 waiting at most `max_wait_s` for a batch to fill), keeps up to `max_in_flight` invocations running,
 stores each outcome before acknowledging it, heartbeats, takes over the entries of executors whose
-heartbeat is gone, drains on SIGTERM, and serves /metrics (Prometheus) and /healthz.
+heartbeat is gone (running each at most `max_attempts` times in all), watches what it runs and aborts
+what someone else ended meanwhile (cancelled, timed out), drains on SIGTERM, and serves /metrics
+(Prometheus) and /healthz.
 """
 
 from __future__ import annotations
@@ -22,7 +24,18 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from flyte_cornserve.services.invocations import GROUP, ErrorKind, Invocation, InvocationStore, Outcome, queue_key
+from flyte_cornserve.services.invocations import (
+    GROUP,
+    MAX_BLOCK_S,
+    TERMINAL,
+    ErrorKind,
+    Invocation,
+    InvocationStore,
+    Outcome,
+    State,
+    events_key,
+    queue_key,
+)
 
 from .handler import Handler
 
@@ -35,6 +48,11 @@ def executor_key(executor_id: str) -> str:
     return f"cornserve:executor:{executor_id}"
 
 
+def wake_key(executor_id: str) -> str:
+    """A stream only this executor's watcher reads: an entry wakes its blocking read to watch more."""
+    return f"cornserve:executor:{executor_id}:wake"
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -44,7 +62,10 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.latency = Histogram("cornserve_invocation_seconds", "time from pick-up to stored outcome",
                                  registry=self.registry)
-        self.outcomes = Counter("cornserve_invocations", "finished invocations", ["state"], registry=self.registry)
+        self.outcomes = Counter("cornserve_invocations", "outcomes stored", ["state"], registry=self.registry)
+        self.aborted = Counter("cornserve_aborted", "invocations given up while running here because someone "
+                               "else ended them (state CANCELLED: cancelled, ERROR: timed out)", ["state"],
+                               registry=self.registry)
 
 
 class ExecutorRuntime:
@@ -59,10 +80,20 @@ class ExecutorRuntime:
         self.metrics = Metrics()
         self.metrics_port = metrics_port
         self._stopping = asyncio.Event()
+        self._closing = asyncio.Event()  # run() is ending: its background loops return
         self._in_flight = 0  # invocations reserved by a read and not yet finished
         self._capacity = asyncio.Condition()
         self._running: set[asyncio.Task] = set()
         self._healthy = False
+        # The watcher: admitted invocations' events streams (id -> last entry read), those it found
+        # ended by someone else (id -> that state) until their batch lets go of them, and those
+        # inside `handler.handle()` right now (only those are passed to `handler.abort()`).
+        self._watched: dict[str, str] = {}
+        self._ended: dict[str, State] = {}
+        self._handling: set[str] = set()
+        self._watch_more = asyncio.Event()  # wakes an idle watcher (nothing watched)
+        self._watch_reading = False  # the watcher's blocking read is (about to be) under way
+        self._wake_last = "0-0"
 
     def request_stop(self) -> None:
         """Stop taking work; invocations already running finish and are stored (graceful drain)."""
@@ -72,7 +103,8 @@ class ExecutorRuntime:
         await self.store.ensure_queue(self.deployment_id)
         await self.handler.start()
         await self._heartbeat_once()
-        background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaim())]
+        background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaim()),
+                      asyncio.create_task(self._watch())]
         server = self._serve_http() if self.metrics_port is not None else None
         self._healthy = True
         log.info("executor %s serving %s", self.executor_id, self.deployment_id)
@@ -82,10 +114,14 @@ class ExecutorRuntime:
                 await asyncio.wait(self._running)
         finally:
             self._healthy = False
+            # Cancelling alone is not enough: redis-py 8 sometimes swallows a cancellation that
+            # lands mid-command, and the task would go on. Each loop also returns once it sees this.
+            self._closing.set()
+            self._watch_more.set()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await self.redis.delete(executor_key(self.executor_id))
+            await self.redis.delete(executor_key(self.executor_id), wake_key(self.executor_id))
             await self.handler.stop()
             if server is not None:
                 server.shutdown()
@@ -142,8 +178,8 @@ class ExecutorRuntime:
     async def _run_batch(self, entries: list[tuple[str, str]]) -> None:
         started = time.monotonic()
         unreleased = len(entries)
+        batch: list[Invocation] = []
         try:
-            batch = []
             for entry_id, invocation_id in entries:
                 invocation = await self.store.load(self.deployment_id, invocation_id, entry_id)
                 if invocation is None or not await self._admit(invocation):
@@ -155,26 +191,48 @@ class ExecutorRuntime:
                 return
             self.metrics.batch_size.observe(len(batch))
             self.metrics.in_flight.inc(len(batch))
-            try:
-                outcomes = await self.handler.handle(batch)
-            except Exception as exc:  # a handler bug must not take the executor down
-                log.exception("handler failed on a batch of %d", len(batch))
-                outcomes = [Outcome.failed(f"executor error: {type(exc).__name__}: {exc}", ErrorKind.RECOVERABLE)] * len(batch)
-            for invocation, outcome in zip(batch, outcomes, strict=True):
-                await self.store.finish(invocation, outcome)
-                self.metrics.outcomes.labels(outcome.state.value).inc()
-                self.metrics.latency.observe(time.monotonic() - started)
+            await self._start_watching(batch)
+            live = [invocation for invocation in batch if invocation.id not in self._ended]  # ended meanwhile
+            ids = {invocation.id for invocation in live}
+            outcomes: list[Outcome] = []
+            if live:
+                self._handling |= ids  # the watcher runs only once handle() awaits: it has them by then
+                try:
+                    outcomes = await self.handler.handle(live)
+                except Exception as exc:  # a handler bug must not take the executor down
+                    log.exception("handler failed on a batch of %d", len(live))
+                    outcomes = [Outcome.failed(f"executor error: {type(exc).__name__}: {exc}", ErrorKind.RECOVERABLE)] * len(live)
+                finally:
+                    self._handling -= ids
+            for invocation in batch:  # stop watching before any outcome of ours is written
+                self._watched.pop(invocation.id, None)
+            by_id = dict(zip((invocation.id for invocation in live), outcomes, strict=True))
+            for invocation in batch:
+                ended = self._ended.pop(invocation.id, None)
+                if ended is not None:  # someone else ended it (and it was aborted): nothing to store
+                    await self.store.acknowledge(invocation)
+                else:
+                    outcome = by_id[invocation.id]
+                    if await self.store.finish(invocation, outcome):
+                        self.metrics.outcomes.labels(outcome.state.value).inc()
+                        self.metrics.latency.observe(time.monotonic() - started)
+                    else:
+                        log.info("invocation %s ended elsewhere as it finished here; its outcome is dropped", invocation.id)
                 self.metrics.in_flight.dec()
                 unreleased -= 1
                 await self._release()
         except Exception:
             log.exception("batch bookkeeping failed; its entries stay pending for a reclaim")
         finally:
+            for invocation in batch:
+                self._watched.pop(invocation.id, None)
+                self._ended.pop(invocation.id, None)
             if unreleased:
                 await self._release(unreleased)
 
     async def _admit(self, invocation: Invocation) -> bool:
-        """Mark it RUNNING here, unless it was cancelled, already finished, or is past its deadline."""
+        """Mark it RUNNING here, unless it was cancelled, already finished, is past its deadline, or
+        has had all its attempts (each executor that died while running it took one)."""
         if invocation.deadline is not None and time.time() > invocation.deadline:
             if await self.store.start(invocation, self.executor_id):
                 await self.store.finish(invocation, Outcome.failed("timed out before it ran", ErrorKind.RECOVERABLE))
@@ -184,40 +242,144 @@ class ExecutorRuntime:
         if not await self.store.start(invocation, self.executor_id):
             await self.store.acknowledge(invocation)
             return False
+        if invocation.attempt > 1 and invocation.attempt > invocation.max_attempts:
+            ran = invocation.attempt - 1
+            log.warning("invocation %s: an executor died while running it, attempt %d of %d; not running it again",
+                        invocation.id, ran, invocation.max_attempts)
+            await self.store.finish(invocation, Outcome.failed(
+                f"executor died while running it (attempt {ran} of {invocation.max_attempts}); no attempt left",
+                ErrorKind.RECOVERABLE,
+            ))
+            return False
         return True
+
+    # -- the watcher: aborting what someone else ended ------------------------------------------------
+
+    async def _start_watching(self, batch: list[Invocation]) -> None:
+        """Watch the batch's events streams (from their start: nothing written meanwhile is missed)."""
+        for invocation in batch:
+            self._watched[invocation.id] = "0-0"
+        if not self._watch_reading:
+            self._watch_more.set()  # idle or between reads: it takes the new ones on its next read
+            return
+        # Its blocking read names the streams it watched before: an entry in its wake stream ends it.
+        # Reading that stream from the last entry it saw, it cannot miss one added before it blocks.
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(wake_key(self.executor_id), {"n": len(batch)}, maxlen=1, approximate=False)
+                pipe.pexpire(wake_key(self.executor_id), int(self.heartbeat_s * 3000))
+                await pipe.execute()
+        except RedisError as exc:  # it watches them from its next read (at most MAX_BLOCK_S away)
+            log.warning("waking the watcher failed (%s)", exc)
+
+    async def _watch(self) -> None:
+        """One blocking XREAD, on a connection of its own, over the events streams of every invocation
+        in flight here; one that ends in a state someone else wrote (we write ours only after we stop
+        watching it) is given up and its handler work aborted."""
+        client = self.redis.client()  # holds one connection of the pool for itself
+        backoff = 0.0
+        try:
+            while not self._closing.is_set():
+                if not self._watched:
+                    self._watch_more.clear()
+                    await self._watch_more.wait()
+                    continue
+                self._watch_reading = True
+                try:
+                    watched = {events_key(i): i for i in self._watched}
+                    streams = {key: self._watched[i] for key, i in watched.items()}
+                    streams[wake_key(self.executor_id)] = self._wake_last
+                    reply = await client.xread(streams, block=int(MAX_BLOCK_S * 1000))
+                except RedisError as exc:
+                    backoff = min(max(2 * backoff, 0.1), 5.0)
+                    log.warning("watching invocations failed (%s); retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)  # Redis restarting or unreachable
+                    continue
+                finally:
+                    self._watch_reading = False
+                backoff = 0.0
+                ended: dict[str, State] = {}
+                for key, entries in reply or []:
+                    key = _text(key)
+                    if key not in watched:  # the wake stream
+                        self._wake_last = _text(entries[-1][0])
+                        continue
+                    invocation_id = watched[key]
+                    if invocation_id not in self._watched:
+                        continue  # no longer in flight (its batch is storing its own outcome)
+                    for entry_id, fields in entries:
+                        self._watched[invocation_id] = _text(entry_id)
+                        state = State(_text(fields[b"state"]))
+                        if state in TERMINAL:
+                            ended[invocation_id] = state
+                if ended:
+                    await self._abort(ended)
+        finally:
+            await client.aclose()
+
+    async def _abort(self, ended: dict[str, State]) -> None:
+        running = []
+        for invocation_id, state in ended.items():
+            del self._watched[invocation_id]
+            self._ended[invocation_id] = state
+            self.metrics.aborted.labels(state.value).inc()
+            log.warning("invocation %s ended elsewhere (%s) while running here: aborting it", invocation_id, state.value)
+            if invocation_id in self._handling:
+                running.append(invocation_id)
+        if running:
+            try:
+                await self.handler.abort(running)
+            except Exception:  # a handler bug must not stop the watcher
+                log.exception("handler failed to abort %s", running)
 
     async def _heartbeat_once(self) -> None:
         info = {"deployment_id": self.deployment_id, "pid": os.getpid(), "host": socket.gethostname()}
         await self.redis.set(executor_key(self.executor_id), json.dumps(info), px=int(self.heartbeat_s * 3000))
         self.metrics.queue_depth.set(await self.store.queue_depth(self.deployment_id))
 
+    async def _closed_within(self, seconds: float) -> bool:
+        """Wait `seconds` (a period: the heartbeat's, not a race workaround), or less if `run()` is
+        ending; True if it is."""
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+            return True
+        except TimeoutError:
+            return False
+
     async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)  # the heartbeat period itself, not a race workaround
-            await self._heartbeat_once()
+        while not await self._closed_within(self.heartbeat_s):
+            try:
+                await self._heartbeat_once()
+            except RedisError as exc:  # Redis restarting: the next beat may get through in time
+                log.warning("heartbeat failed (%s)", exc)
 
     async def _reclaim(self) -> None:
-        """Take over entries held by consumers whose heartbeat expired (they died mid-invocation)."""
-        queue = queue_key(self.deployment_id)
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
+        while not await self._closed_within(self.heartbeat_s):
             if self._stopping.is_set():
                 return
-            for consumer in await self.redis.xinfo_consumers(queue, GROUP):
-                name = _text(consumer["name"])
-                if name == self.executor_id or await self.redis.exists(executor_key(name)):
-                    continue
-                pending = await self.redis.xpending_range(queue, GROUP, "-", "+", 1000, consumername=name)
-                if pending:
-                    ids = [p["message_id"] for p in pending]
-                    claimed = await self.redis.xclaim(queue, GROUP, self.executor_id, 0, ids)
-                    entries = [(_text(i), _text(f[b"id"])) for i, f in claimed if f]
-                    log.warning("took over %d invocations of dead executor %s", len(entries), name)
-                    for start in range(0, len(entries), self.handler.max_batch_size):
-                        chunk = entries[start:start + self.handler.max_batch_size]
-                        self._in_flight += len(chunk)
-                        self._spawn(chunk)
-                await self.redis.xgroup_delconsumer(queue, GROUP, name)
+            try:
+                await self._reclaim_once()
+            except RedisError as exc:
+                log.warning("looking for dead executors failed (%s)", exc)
+
+    async def _reclaim_once(self) -> None:
+        """Take over entries held by consumers whose heartbeat expired (they died mid-invocation)."""
+        queue = queue_key(self.deployment_id)
+        for consumer in await self.redis.xinfo_consumers(queue, GROUP):
+            name = _text(consumer["name"])
+            if name == self.executor_id or await self.redis.exists(executor_key(name)):
+                continue
+            pending = await self.redis.xpending_range(queue, GROUP, "-", "+", 1000, consumername=name)
+            if pending:
+                ids = [p["message_id"] for p in pending]
+                claimed = await self.redis.xclaim(queue, GROUP, self.executor_id, 0, ids)
+                entries = [(_text(i), _text(f[b"id"])) for i, f in claimed if f]
+                log.warning("took over %d invocations of dead executor %s", len(entries), name)
+                for start in range(0, len(entries), self.handler.max_batch_size):
+                    chunk = entries[start:start + self.handler.max_batch_size]
+                    self._in_flight += len(chunk)
+                    self._spawn(chunk)
+            await self.redis.xgroup_delconsumer(queue, GROUP, name)
 
     def _serve_http(self) -> ThreadingHTTPServer:
         runtime = self

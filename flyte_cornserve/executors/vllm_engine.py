@@ -1,14 +1,17 @@
 """The vLLM executor: one in-process vLLM engine serving many invocations at once.
 
 Each invocation becomes one engine request as soon as it arrives (the engine's continuous batching
-interleaves them). Image embeddings arrive as `TensorRef`s: their shape and dtype are checked
-against the model's config *before* the tensor is fetched from the sidecar or handed to the engine,
-because a wrong shape can take the engine down; a mismatch is that invocation's error.
+interleaves them); its request id is the invocation id. Image embeddings arrive as `TensorRef`s:
+their shape and dtype are checked against the model's config *before* the tensor is fetched from the
+sidecar or handed to the engine, because a wrong shape can take the engine down; a mismatch is that
+invocation's error. An invocation cancelled or timed out while it runs is aborted in the engine
+(`abort()`), which stops generating for it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 from typing import Any, Protocol
@@ -54,6 +57,8 @@ class VLLMHandler(Handler):
         self.tokenizer = None
         self.image_tokens = 0  # embedding rows per image; 0 for a text-only model
         self.hidden_size = 0
+        self._handling: set[str] = set()  # invocations inside handle()
+        self._aborted: set[str] = set()  # of those, the ones to stop
 
     async def start(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -84,7 +89,22 @@ class VLLMHandler(Handler):
             self.engine = None  # let vLLM's finalizer run now, while the interpreter is whole
 
     async def handle(self, batch: list[Invocation]) -> list[Outcome]:
-        return list(await asyncio.gather(*(self._generate(invocation) for invocation in batch)))
+        ids = {invocation.id for invocation in batch}
+        self._handling |= ids
+        try:
+            return list(await asyncio.gather(*(self._generate(invocation) for invocation in batch)))
+        finally:
+            self._handling -= ids
+            self._aborted -= ids
+
+    async def abort(self, invocation_ids: list[str]) -> None:
+        """Abort their engine requests (request id = invocation id). One not in the engine yet (its
+        embeddings still being fetched, its request being added) is stopped by `_generate` when it
+        gets there or at its first output."""
+        ids = [i for i in invocation_ids if i in self._handling]
+        self._aborted.update(ids)
+        if ids and self.engine is not None:
+            await self.engine.abort(ids)
 
     async def _generate(self, invocation: Invocation) -> Outcome:
         from vllm import SamplingParams
@@ -97,10 +117,11 @@ class VLLMHandler(Handler):
             params = SamplingParams(
                 max_tokens=sampling.get("max_tokens", 64), temperature=sampling.get("temperature", 0.0),
                 top_p=sampling.get("top_p", 1.0), seed=sampling.get("seed"),
+                ignore_eos=bool(sampling.get("ignore_eos", False)),  # generate max_tokens, end or not
             )
             for ref in request.embeddings:
                 self._check(ref)
-        except (ValidationError, BadEmbedding, ValueError, TypeError) as exc:
+        except (ValidationError, BadEmbedding, ValueError, TypeError, VLLMClientError) as exc:
             return Outcome.failed(f"invalid input: {exc}")
         fetched: list[TensorRef] = []
         try:
@@ -111,9 +132,15 @@ class VLLMHandler(Handler):
             prompt: dict[str, Any] = {"prompt": self.format_prompt(request.prompt, len(tensors))}
             if tensors:
                 prompt["multi_modal_data"] = {"image": _stack(tensors, self.image_tokens, self.hidden_size)}
+            if invocation.id in self._aborted:
+                return _aborted(0)
             final = None
-            async for final in self.engine.generate(prompt, params, request_id=invocation.id):
-                pass
+            async with contextlib.aclosing(self.engine.generate(prompt, params, request_id=invocation.id)) as outputs:
+                async for final in outputs:
+                    if invocation.id in self._aborted:  # closing the stream aborts the request
+                        break
+            if invocation.id in self._aborted or final is None or final.outputs[0].finish_reason == "abort":
+                return _aborted(len(final.outputs[0].token_ids) if final is not None else 0)
             return Outcome(output={"text": final.outputs[0].text})
         except (ValueError, VLLMClientError) as exc:  # the request's own fault (prompt too long, ...)
             return Outcome.failed(str(exc))
@@ -143,6 +170,10 @@ class VLLMHandler(Handler):
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
         return "<image>" * images + prompt
+
+
+def _aborted(tokens: int) -> Outcome:
+    return Outcome.failed(f"aborted after {tokens} generated tokens", ErrorKind.RECOVERABLE)
 
 
 def _stack(tensors: list, rows: int, hidden: int):

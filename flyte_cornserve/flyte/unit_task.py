@@ -27,7 +27,7 @@ _flyte_tasks: dict[str, CornserveTask] = {}
 
 
 class CornserveTask(PythonTask):
-    """Flyte's view of one unit task instance; executed by the cornserve connector, never in a pod."""
+    """Flyte's view of one unit task instance; executed through the cornserve connector, never in a pod."""
 
     def __init__(self, unit_task: UnitTask) -> None:
         input_model, output_model = unit_task.io_models()
@@ -58,11 +58,10 @@ class CornserveTask(PythonTask):
         }
 
     def execute(self, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            f"{self.name} ({type(self.unit_task).__name__}) runs on a cornserve executor through the "
-            f"cornserve connector, which this version does not ship yet; it can be packaged and "
-            f"registered, not executed"
-        )
+        """Local `pyflyte run`: run on the (embedded) stack's executor, waiting on Redis."""
+        from .connector import run_locally
+
+        return run_locally(self.unit_task, kwargs)
 
 
 def flyte_task_name(unit_task: UnitTask) -> str:

@@ -8,6 +8,7 @@ Both share one byte-level BPE tokenizer trained here, and are saved in the layou
 
 from __future__ import annotations
 
+import fcntl
 import json
 import pathlib
 import random
@@ -198,12 +199,20 @@ TINY_MODELS: dict[str, Callable[[pathlib.Path, int], None]] = {
 
 def build_tiny(name: str, root: pathlib.Path, seed: int = 0, force: bool = False) -> pathlib.Path:
     """Build tiny model `name` into `root/name` (atomically: a half-built folder is never visible)."""
-    import torch
-
     target = root / name
     if (target / "config.json").exists() and not force:
         return target
     root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:  # executors starting together build it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists() and not force:
+            return target
+        return _build_locked(name, root, target, seed)
+
+
+def _build_locked(name: str, root: pathlib.Path, target: pathlib.Path, seed: int) -> pathlib.Path:
+    import torch
+
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same bits on every build, whatever the machine's load

@@ -22,6 +22,9 @@ from redis.exceptions import ResponseError
 
 GROUP = "executors"
 RECORD_TTL_S = 24 * 3600
+#: how many invocations `recent()` can list (the CLI's status table)
+RECENT_LIMIT = 1000
+RECENT_KEY = "cornserve:invocations"
 #: longest single blocking read: below redis-py's default 5 s socket timeout
 MAX_BLOCK_S = 2.0
 
@@ -64,6 +67,7 @@ class Invocation:
     input: dict[str, Any]
     deadline: float | None = None
     attempt: int = 1
+    max_attempts: int = 1  # an executor dying mid-run costs one attempt; past the last one it fails
     entry_id: str = ""  # the queue entry that delivered it, acknowledged once the outcome is stored
 
 
@@ -96,7 +100,20 @@ class Record:
     error_kind: ErrorKind | None = None
     executor: str = ""
     attempt: int = 0
+    max_attempts: int = 1
+    label: str = ""
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    deadline: float | None = None
     history: list[State] = field(default_factory=list)
+
+    @property
+    def compute_s(self) -> float | None:
+        """Time the executor spent on it (RUNNING to outcome), None until it finished."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
 
 
 # KEYS: invocation hash, events stream. ARGV: new state, allowed current states (comma-separated),
@@ -129,7 +146,7 @@ class InvocationStore:
     # -- submitter side -------------------------------------------------------------------------
 
     async def submit(self, deployment_id: str, input: dict[str, Any], timeout_s: float | None = None,
-                     invocation_id: str | None = None) -> str:
+                     invocation_id: str | None = None, max_attempts: int = 1, label: str = "") -> str:
         """Record the invocation and queue it for the deployment; return its id.
 
         One transaction: an executor may read the queue entry the moment it exists, and must then
@@ -141,12 +158,15 @@ class InvocationStore:
         record = {
             "state": State.QUEUED.value, "deployment_id": deployment_id, "input": json.dumps(input),
             "deadline": "" if timeout_s is None else repr(now + timeout_s), "created_at": repr(now), "attempt": 0,
+            "max_attempts": max_attempts, "label": label,
         }
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(invocation_key(invocation_id), mapping=record)
             pipe.xadd(events_key(invocation_id), {"state": State.CREATED.value})
             pipe.xadd(events_key(invocation_id), {"state": State.QUEUED.value})
             pipe.xadd(queue_key(deployment_id), {"id": invocation_id})
+            pipe.zadd(RECENT_KEY, {invocation_id: now})
+            pipe.zremrangebyrank(RECENT_KEY, 0, -RECENT_LIMIT - 1)
             await pipe.execute()
         return invocation_id
 
@@ -180,13 +200,38 @@ class InvocationStore:
             error_kind=ErrorKind(fields["error_kind"]) if fields.get("error_kind") else None,
             executor=fields.get("executor", ""),
             attempt=int(fields.get("attempt", 0)),
+            max_attempts=int(fields.get("max_attempts") or 1),
+            label=fields.get("label", ""),
+            created_at=float(fields.get("created_at") or 0.0),
+            started_at=_seconds(fields.get("started_at")),
+            finished_at=_seconds(fields.get("finished_at")),
+            deadline=_seconds(fields.get("deadline")),
             history=[State(_text(f[b"state"])) for _, f in events],
         )
+
+    async def recent(self, limit: int = 20) -> list[Record]:
+        """The last `limit` submitted invocations that still have a record, newest first."""
+        records = []
+        for invocation_id in await self.redis.zrevrange(RECENT_KEY, 0, limit - 1):
+            try:
+                records.append(await self.record(_text(invocation_id)))
+            except KeyError:
+                await self.redis.zrem(RECENT_KEY, invocation_id)
+        return records
 
     async def cancel(self, invocation_id: str) -> bool:
         """Mark a not yet finished invocation CANCELLED; its executor skips or aborts it."""
         return await self.transition(
-            invocation_id, State.CANCELLED, allowed={State.CREATED, State.QUEUED, State.RUNNING}
+            invocation_id, State.CANCELLED, allowed={State.CREATED, State.QUEUED, State.RUNNING},
+            finished_at=repr(time.time()),
+        )
+
+    async def time_out(self, invocation_id: str, timeout_s: float) -> bool:
+        """The deadline passed before an outcome: a recoverable ERROR; its executor aborts it."""
+        return await self.transition(
+            invocation_id, State.ERROR, allowed={State.CREATED, State.QUEUED, State.RUNNING},
+            error=f"timed out: no result within the {timeout_s:g} s timeout", error_kind=ErrorKind.RECOVERABLE.value,
+            finished_at=repr(time.time()),
         )
 
     # -- executor side ----------------------------------------------------------------------------
@@ -200,19 +245,20 @@ class InvocationStore:
 
     async def load(self, deployment_id: str, invocation_id: str, entry_id: str) -> Invocation | None:
         """The invocation behind a queue entry, or None if it is gone (expired)."""
-        fields = await self.redis.hmget(invocation_key(invocation_id), ["input", "deadline", "attempt"])
+        fields = await self.redis.hmget(invocation_key(invocation_id), ["input", "deadline", "attempt", "max_attempts"])
         if fields[0] is None:
             return None
-        deadline = _text(fields[1])
         return Invocation(
             id=invocation_id, deployment_id=deployment_id, input=json.loads(fields[0]),
-            deadline=float(deadline) if deadline else None, attempt=int(fields[2] or 0) + 1, entry_id=entry_id,
+            deadline=_seconds(fields[1]), attempt=int(fields[2] or 0) + 1, max_attempts=int(fields[3] or 1),
+            entry_id=entry_id,
         )
 
     async def start(self, invocation: Invocation, executor_id: str) -> bool:
         """QUEUED (or RUNNING on a dead executor) -> RUNNING here; False if cancelled or finished."""
         return await self.transition(
-            invocation.id, State.RUNNING, allowed={State.QUEUED, State.RUNNING}, executor=executor_id
+            invocation.id, State.RUNNING, allowed={State.QUEUED, State.RUNNING}, executor=executor_id,
+            started_at=repr(time.time()),
         )
 
     async def finish(self, invocation: Invocation, outcome: Outcome) -> bool:
@@ -249,6 +295,11 @@ class InvocationStore:
         for name, value in fields.items():
             args += [name, value]
         return bool(await self._transition(keys=[invocation_key(invocation_id), events_key(invocation_id)], args=args))
+
+
+def _seconds(value: bytes | str | None) -> float | None:
+    text = _text(value)
+    return float(text) if text else None
 
 
 def _text(value: bytes | str | None) -> str:

@@ -115,6 +115,14 @@ class UnitTask(Task[InputT, OutputT]):
         digest = hashlib.sha256(canonical_json(self.identity()).encode()).hexdigest()
         return f"{type(self).__name__.lower()}-{digest[:16]}"
 
+    def routing_candidates(self) -> list[UnitTask]:
+        """The unit tasks whose deployments may serve an invocation of this one, preferred first.
+
+        Just this task by default; a task that accepts several models (`LLMTask.alternative_models`)
+        lists one candidate per model, and the dispatcher picks the least-loaded deployed one.
+        """
+        return [self]
+
     def to_json(self) -> str:
         """JSON with the registered class name, readable back by `unit_task_from_json`."""
         return canonical_json({"task_class": type(self).__name__, "config": self.model_dump(mode="json")})

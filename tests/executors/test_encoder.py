@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import random
+import signal
 import socket
 import urllib.request
 
 import numpy as np
 import pytest
+import redis
 import redis.asyncio as aioredis
 import torch
 from PIL import Image
 
 from cornserve_builtins.encoder import EncoderTask
+from flyte_cornserve.executors.runtime import executor_key
 from flyte_cornserve.models.tiny import draw
-from flyte_cornserve.services.invocations import ErrorKind, InvocationStore, State
+from flyte_cornserve.services.invocations import ErrorKind, InvocationStore, State, queue_key
 from flyte_cornserve.task import TensorRef
 
 from .conftest import run
@@ -108,3 +112,41 @@ def test_health_and_metrics(encoder, redis_url):
     done = [line for line in metrics.splitlines() if line.startswith('cornserve_invocations_total{state="DONE"}')]
     assert done and float(done[0].split()[-1]) >= 1
     assert "cornserve_batch_size_bucket" in metrics and "cornserve_queue_depth" in metrics
+
+
+def test_an_invocation_cancelled_while_queued_is_skipped_and_the_next_is_served(encoder, redis_url):
+    """Frozen (SIGSTOP), the executor cannot start what is submitted meanwhile: the first is
+    cancelled while QUEUED, and once thawed the executor must skip it and serve the second."""
+    image = {"data": data_url(draw("green", "circle", "white", random.Random(5)))}
+
+    async def scenario():
+        store = InvocationStore(aioredis.Redis.from_url(redis_url))
+        os.kill(encoder.process.pid, signal.SIGSTOP)
+        try:
+            skipped = await store.submit(TASK.deployment_id(), image, timeout_s=60)
+            served = await store.submit(TASK.deployment_id(), image, timeout_s=60)
+            assert await store.cancel(skipped)
+        finally:
+            os.kill(encoder.process.pid, signal.SIGCONT)
+        served_record = await store.wait(served, 60)
+        queued = [fields[b"id"].decode() for _, fields in await store.redis.xrange(queue_key(TASK.deployment_id()))]
+        return await store.record(skipped), served_record, queued
+
+    skipped, served, queued = run(scenario())
+    assert skipped.state == State.CANCELLED and skipped.history == [State.CREATED, State.QUEUED, State.CANCELLED]
+    assert skipped.executor == ""  # never started
+    assert served.state == State.DONE and served.executor == encoder.id
+    # Both reach the thawed executor in one batch (it reads the second at once after the first), so
+    # the skipped one is acknowledged before the served one runs.
+    assert skipped.id not in queued
+    assert encoder.alive()
+
+
+def test_sigterm_right_after_start_exits_and_deletes_the_liveness_key(executors, tiny_llava, redis_url):
+    """Stopping lands while the background loops are mid-command (their period and the queue read's
+    both start at once): they must still end, rather than leave the executor hanging."""
+    process = executors.start(TASK)
+    assert redis.Redis.from_url(redis_url).exists(executor_key(process.id))
+    process.process.terminate()
+    assert process.process.wait(timeout=60) == 0  # a hang, not a duration, is what this bound catches
+    assert not redis.Redis.from_url(redis_url).exists(executor_key(process.id))

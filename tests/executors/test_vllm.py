@@ -1,8 +1,9 @@
-"""The vLLM executor: lossless disaggregation against transformers, concurrency, bad input."""
+"""The vLLM executor: lossless disaggregation against transformers, concurrency, bad input, aborts."""
 
 from __future__ import annotations
 
 import random
+import urllib.request
 
 import pytest
 import redis
@@ -14,10 +15,10 @@ from cornserve_builtins.encoder import EncoderTask
 from cornserve_builtins.llm import LLMInput, LLMTask
 from flyte_cornserve.descriptors import descriptor_for
 from flyte_cornserve.models.tiny import COLORS, PROMPT, SHAPES, draw, llava_prompt
-from flyte_cornserve.services.invocations import ErrorKind, InvocationStore, State, events_key
+from flyte_cornserve.services.invocations import MAX_BLOCK_S, ErrorKind, InvocationStore, State, events_key, queue_key
 
 from .conftest import run
-from .test_encoder import data_url
+from .test_encoder import data_url, free_port
 
 ENCODER = EncoderTask(model_id="tiny-llava")
 LLM = LLMTask(model_id="tiny-llava")
@@ -25,7 +26,10 @@ LLM = LLMTask(model_id="tiny-llava")
 
 @pytest.fixture(scope="module")
 def services(executors, tiny_llava):
-    return executors.start(ENCODER), executors.start(LLM)
+    port = free_port()
+    llm = executors.start(LLM, metrics_port=port)
+    llm.metrics_port = port
+    return executors.start(ENCODER), llm
 
 
 def llm_payload(prompt: str, embeddings: list) -> dict:
@@ -98,8 +102,10 @@ def max_concurrency(spans: list[tuple[int, int]]) -> int:
         (lambda ref: llm_payload(PROMPT, [{**ref, "dtype": "int32"}]), "expected one of"),
         (lambda ref: llm_payload(" ".join(["describe"] * 2000), []), "maximum context length is 256 tokens"),
         (lambda ref: {"prompt": PROMPT, "embeddings": "nope"}, "invalid input"),
+        (lambda ref: {**llm_payload(PROMPT, []), "sampling": {"temperature": 3.0}}, "temperature must be in"),
     ],
-    ids=["too-few-tokens", "wrong-hidden-size", "integer-dtype", "prompt-longer-than-context", "malformed"],
+    ids=["too-few-tokens", "wrong-hidden-size", "integer-dtype", "prompt-longer-than-context", "malformed",
+         "temperature-out-of-range"],
 )
 def test_bad_input_is_that_invocations_error_and_the_engine_keeps_serving(services, redis_url, payload, message):
     _, llm = services
@@ -122,3 +128,58 @@ def test_bad_input_is_that_invocations_error_and_the_engine_keeps_serving(servic
 def test_unknown_model_path_is_a_clear_startup_error(executors):
     with pytest.raises(AssertionError, match="model '/no/such/model' is neither a folder"):
         executors.start(LLMTask(model_id="/no/such/model"))
+
+
+def generating(prompt: str, tokens: int) -> dict:
+    """A text-only request that generates exactly `tokens` tokens (greedy, past any end-of-text): one
+    engine step each, so requests in flight together finish in order of their lengths."""
+    return {**llm_payload(prompt, []), "sampling": {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}}
+
+
+async def reached(store: InvocationStore, invocation_id: str, state: State, timeout_s: float = 120.0) -> None:
+    """Block until the invocation's events stream shows `state`."""
+    last = "0"
+    for _ in range(int(timeout_s / MAX_BLOCK_S)):
+        for _, entries in await store.redis.xread({events_key(invocation_id): last}, block=int(MAX_BLOCK_S * 1000)):
+            for last, fields in entries:
+                if fields[b"state"] == state.value.encode():
+                    return
+    raise AssertionError(f"{invocation_id} did not reach {state.value} within {timeout_s} s")
+
+
+def aborted_total(process, state: State) -> float:
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics").read().decode()
+    prefix = f'cornserve_aborted_total{{state="{state.value}"}} '
+    return next((float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix)), 0.0)
+
+
+@pytest.mark.parametrize(("end", "state"), [("cancel", State.CANCELLED), ("time_out", State.ERROR)])
+def test_an_invocation_ended_while_generating_is_aborted_and_the_engine_keeps_serving(services, redis_url, end, state):
+    """Someone else ends a generating invocation (cancels it, or times it out); its executor must
+    abort the engine request. Lengths in engine steps make this observable without timing: the
+    ended one had 230 tokens to generate, was cancelled after another request's 40, and a request of
+    80 submitted after that finishes while it would still be generating, were it not aborted; its
+    queue entry is acknowledged only once the handler gave it up."""
+    _, llm = services
+    before = aborted_total(llm, state)
+
+    async def scenario():
+        store = InvocationStore(aioredis.Redis.from_url(redis_url))
+        long = await store.submit(LLM.deployment_id(), generating("Count to a thousand.", 230))
+        await reached(store, long, State.RUNNING)  # so the next one is another batch, with its own outcome
+        meanwhile = await store.wait(await store.submit(LLM.deployment_id(), generating("Wait.", 40)), 120)
+        assert meanwhile.state == State.DONE, meanwhile.error  # `long` is 40 engine steps in
+        ended = await store.cancel(long) if end == "cancel" else await store.time_out(long, 30)
+        assert ended, "it was no longer running"
+        after = await store.wait(await store.submit(LLM.deployment_id(), generating("Then this.", 80)), 120)
+        queued = [fields[b"id"].decode() for _, fields in await store.redis.xrange(queue_key(LLM.deployment_id()))]
+        return await store.record(long), after, queued
+
+    long, after, queued = run(scenario())
+    assert long.state == state and long.history == [State.CREATED, State.QUEUED, State.RUNNING, state]
+    if state == State.ERROR:
+        assert long.error_kind == ErrorKind.RECOVERABLE and "timed out" in long.error
+    assert after.state == State.DONE and after.executor == llm.id and after.output["text"]
+    assert long.id not in queued  # given up (acknowledged) before the 80 tokens of `after`: aborted
+    assert aborted_total(llm, state) == before + 1
+    assert llm.alive()

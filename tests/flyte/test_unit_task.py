@@ -84,8 +84,9 @@ def caption(image: str, prompt: str) -> str:
     return call(captioner, prompt=prompt, images=[image]).text
 
 
-def test_nothing_pretends_to_execute_a_unit_task():
-    with pytest.raises(Exception, match="runs on a cornserve executor through the cornserve connector"):
+def test_a_unit_task_run_without_a_control_plane_says_how_to_start_one(redis_url):
+    # the session's Redis database 0 has no control plane (test stacks use their own databases)
+    with pytest.raises(Exception, match="no cornserve control plane is serving this Redis: start one with `cornserve up`"):
         caption(image="cat.png", prompt="what is it?")
 
 

@@ -47,7 +47,7 @@ BUILTIN_STRATEGIES = {
         sampling=st.builds(
             SamplingParams,
             max_tokens=st.integers(1, 32768),
-            temperature=st.floats(0, 10, allow_nan=False),
+            temperature=st.floats(0, 2, allow_nan=False),
             top_p=st.floats(0.01, 1, allow_nan=False),
             seed=st.none() | st.integers(-(2**31), 2**31),
         ),

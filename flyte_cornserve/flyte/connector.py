@@ -1,0 +1,185 @@
+"""The cornserve connector: how Flyte runs a `cornserve` task on a persistent executor.
+
+On a cluster, FlytePropeller calls it through `pyflyte serve connector --modules
+flyte_cornserve.flyte.connector`: `create()` validates the input, deploys the unit task on first
+use and enqueues the invocation; `get()` maps its state to a Flyte phase and returns the outputs as
+literals (a `TensorRef` stays metadata); `delete()` cancels it. A recoverable failure (executor
+died, timeout) is RETRYABLE_FAILED, so Flyte's retries apply; a user error is FAILED.
+
+In a local `pyflyte run`, `CornserveTask.execute()` calls `run_locally()`: the same dispatcher,
+in-process, waiting on Redis for the outcome instead of flytekit's 1 s polling, and enforcing the
+timeout and retries itself because flytekit's local mode does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from flyteidl.core.execution_pb2 import TaskExecution
+from flytekit import FlyteContextManager
+from flytekit.core.type_engine import TypeEngine
+from flytekit.extend.backend.base_connector import AsyncConnectorBase, ConnectorRegistry, Resource, ResourceMeta
+from flytekit.models.literals import LiteralMap
+from flytekit.models.task import TaskTemplate
+
+from flyte_cornserve.descriptors import descriptor_for
+from flyte_cornserve.services.control import ControlPlaneError
+from flyte_cornserve.services.dispatcher import Dispatcher, InvocationFailed, Submission, failure_of
+from flyte_cornserve.services.invocations import TERMINAL, ErrorKind, State
+from flyte_cornserve.services.stack import ensure_stack
+from flyte_cornserve.task import TaskInputError, UnitTask, unit_task_from_json
+
+from .progress import ProgressLine
+from .unit_task import TASK_TYPE
+
+_PHASES = {
+    State.CREATED: TaskExecution.QUEUED,
+    State.QUEUED: TaskExecution.QUEUED,
+    State.RUNNING: TaskExecution.RUNNING,
+    State.DONE: TaskExecution.SUCCEEDED,
+    State.CANCELLED: TaskExecution.ABORTED,
+}
+
+
+@dataclass
+class CornserveMetadata(ResourceMeta):
+    """What Flyte keeps between calls: which invocation, of which routed unit task, until when."""
+
+    invocation_id: str = ""
+    task: str = ""  # the unit task that serves it (the routing candidate), as JSON
+    deadline: float = 0.0  # epoch seconds; 0 = no timeout
+    timeout_s: float = 0.0
+    error: str = ""  # the invocation was refused at create(): get() reports it as a failure
+    retryable: bool = False
+
+
+class CornserveConnector(AsyncConnectorBase):
+    name = "Cornserve Connector"
+
+    def __init__(self) -> None:
+        super().__init__(task_type_name=TASK_TYPE, metadata_type=CornserveMetadata)
+
+    async def create(self, task_template: TaskTemplate, output_prefix: str | None = None,
+                     inputs: LiteralMap | None = None, **kwargs: Any) -> CornserveMetadata:
+        unit_task = unit_task_from_json(json.dumps(task_template.custom["unit_task"]))
+        input_model, _ = unit_task.io_models()
+        try:
+            request = await TypeEngine._literal_map_to_kwargs(
+                FlyteContextManager.current_context(), inputs or LiteralMap({}),
+                {name: field.annotation for name, field in input_model.model_fields.items()},
+            )
+            # Propeller's CreateTask call is short-lived: enqueue once the deployment is admitted
+            submission = await (await _dispatcher()).submit(unit_task, request, wait_ready=False)
+        except (TaskInputError, ValueError, TypeError) as exc:
+            return CornserveMetadata(error=str(exc), retryable=False)
+        except ControlPlaneError as exc:  # e.g. a deployment that does not fit: fix the stack, then retry
+            return CornserveMetadata(error=str(exc), retryable=False)
+        return _metadata(submission)
+
+    async def get(self, resource_meta: CornserveMetadata, **kwargs: Any) -> Resource:
+        if resource_meta.error:
+            phase = TaskExecution.RETRYABLE_FAILED if resource_meta.retryable else TaskExecution.FAILED
+            return Resource(phase=phase, message=resource_meta.error)
+        dispatcher = await _dispatcher()
+        record = await dispatcher.store.record(resource_meta.invocation_id)
+        if record.state not in TERMINAL and resource_meta.deadline and time.time() >= resource_meta.deadline:
+            await dispatcher.store.time_out(record.id, resource_meta.timeout_s)
+            record = await dispatcher.store.record(record.id)
+        task = unit_task_from_json(resource_meta.task)
+        if record.state is State.DONE:
+            output = descriptor_for(task).decode_response(record.output or {})
+            return Resource(phase=TaskExecution.SUCCEEDED, message="done", outputs=await _literals(output))
+        if record.state is State.ERROR:
+            retryable = record.error_kind is ErrorKind.RECOVERABLE
+            return Resource(phase=TaskExecution.RETRYABLE_FAILED if retryable else TaskExecution.FAILED,
+                            message=str(failure_of(task, record)))
+        return Resource(phase=_PHASES[record.state], message=f"{record.state.value} on {record.executor or 'its queue'}")
+
+    async def delete(self, resource_meta: CornserveMetadata, **kwargs: Any) -> None:
+        if resource_meta.invocation_id:
+            await (await _dispatcher()).cancel(resource_meta.invocation_id)
+
+
+def _metadata(submission: Submission) -> CornserveMetadata:
+    timeout = submission.timeout_s or 0.0
+    return CornserveMetadata(
+        invocation_id=submission.invocation_id, task=submission.task.to_json(),
+        deadline=time.time() + timeout if timeout else 0.0, timeout_s=timeout,
+    )
+
+
+async def _literals(output: Any) -> LiteralMap:
+    """The output model's fields as a Flyte LiteralMap, typed by the model (TensorRef -> Struct)."""
+    fields = type(output).model_fields
+    return await TypeEngine._dict_to_literal_map(
+        FlyteContextManager.current_context(), {name: getattr(output, name) for name in fields},
+        {name: field.annotation for name, field in fields.items()},
+    )
+
+
+# -- one Redis client per event loop and stack ------------------------------------------------------------------
+
+_dispatchers: dict[tuple[asyncio.AbstractEventLoop, str], Dispatcher] = {}
+
+
+async def _dispatcher() -> Dispatcher:
+    key = (asyncio.get_running_loop(), ensure_stack())
+    if key not in _dispatchers:
+        _dispatchers[key] = Dispatcher(aioredis.Redis.from_url(key[1]))
+    return _dispatchers[key]
+
+
+# -- local `pyflyte run` -------------------------------------------------------------------------------
+
+class _BackgroundLoop:
+    """One event loop thread per process: local task executions reuse its Redis connections."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="cornserve-connector").start()
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+
+_background: _BackgroundLoop | None = None
+_background_lock = threading.Lock()
+
+
+def run_locally(unit_task: UnitTask, inputs: dict[str, Any]) -> Any:
+    """Run one invocation for a local `pyflyte run`; return its outputs as the task's Python values."""
+    global _background
+    with _background_lock:
+        _background = _background or _BackgroundLoop()
+    progress = ProgressLine()
+    submitted: list[Submission] = []
+    try:
+        ensure_stack(progress.update)
+        output = _background.run(_dispatcher_run(unit_task, inputs, progress.update, submitted.append))
+    except KeyboardInterrupt:
+        if submitted:  # stop the executor's work on it, then let the interrupt through
+            _background.run(_cancel(submitted[-1].invocation_id))
+        raise
+    except (InvocationFailed, ControlPlaneError) as exc:
+        raise RuntimeError(str(exc)) from None
+    finally:
+        progress.close()
+    values = [getattr(output, name) for name in type(output).model_fields]
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+async def _dispatcher_run(unit_task: UnitTask, inputs: dict[str, Any], progress, on_submit) -> Any:
+    return await (await _dispatcher()).run(unit_task, inputs, progress=progress, on_submit=on_submit)
+
+
+async def _cancel(invocation_id: str) -> None:
+    await (await _dispatcher()).cancel(invocation_id)
+
+
+ConnectorRegistry.register(CornserveConnector(), override=True)

@@ -1,0 +1,236 @@
+"""Where executors run: the `ExecutorBackend` interface and the local backend (processes here).
+
+The task manager decides *what* runs (which deployment needs an executor, when one must be
+restarted or stopped); a backend decides *how*: the local backend starts `cornserve executor` and
+`cornserve sidecar` processes on this machine. A Kubernetes backend would create Deployments and a
+sidecar DaemonSet behind the same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from flyte_cornserve.redis_server import ENV_URL
+from flyte_cornserve.sidecar.directory import ENV_NAMESPACE, ENV_SIDECAR_ID
+from flyte_cornserve.task import Resources
+
+from .resources import GROUP_CPU, GROUP_GPU, Capacity, Node
+
+#: how the local backend runs the project's command line in a child process
+CLI = [sys.executable, "-c", "from flyte_cornserve.cli import main; main()"]
+LOG_TAIL_LINES = 40
+
+
+class ExecutorStartError(RuntimeError):
+    """The executor exited before it served; the message holds the end of its log."""
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    executor_id: str
+    deployment_id: str
+    task_json: str  # the unit task, as `UnitTask.to_json()` writes it
+    node: str
+    resources: Resources
+
+
+class ExecutorHandle(ABC):
+    """One running executor, as its backend sees it."""
+
+    def __init__(self, spec: ExecutorSpec) -> None:
+        self.spec = spec
+
+    @property
+    def id(self) -> str:
+        return self.spec.executor_id
+
+    @abstractmethod
+    async def ready(self) -> None:
+        """Return once it serves its queue; raise `ExecutorStartError` if it exits first."""
+
+    @abstractmethod
+    async def exited(self) -> int:
+        """Return its exit code once it has exited (for whatever reason)."""
+
+    @abstractmethod
+    def log_tail(self) -> str:
+        """The last lines of its log, for error messages."""
+
+
+class ExecutorBackend(ABC):
+    """Runs executors and the per-node sidecars on the backend's nodes."""
+
+    @abstractmethod
+    def nodes(self) -> list[Node]:
+        """The nodes with their capacity and groups (read once by the resource manager)."""
+
+    @abstractmethod
+    async def ensure_sidecar(self, node: str) -> None:
+        """Make sure the node's sidecar runs (start or restart it); return once it serves."""
+
+    @abstractmethod
+    async def start_executor(self, spec: ExecutorSpec) -> ExecutorHandle:
+        """Start one executor; it may still be loading its model when this returns."""
+
+    @abstractmethod
+    async def stop_executor(self, handle: ExecutorHandle, grace_s: float = 60.0) -> None:
+        """Stop it gracefully (finish what it runs), forcibly after `grace_s`."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop the sidecars. Executors are stopped by the task manager first."""
+
+
+class LocalProcess:
+    """A child process whose output goes to a log file, with readiness read from that output."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: pathlib.Path, ready_marker: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ready: asyncio.Future[None] = self._loop.create_future()
+        self._exited: asyncio.Future[int] = self._loop.create_future()
+        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # a Ctrl-C in the terminal that started the stack does not reach it
+        )
+        threading.Thread(target=self._follow, args=(ready_marker,), daemon=True, name=f"log-{log_path.stem}").start()
+        threading.Thread(target=self._reap, daemon=True, name=f"reap-{log_path.stem}").start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _follow(self, ready_marker: str) -> None:
+        assert self.process.stdout is not None
+        with open(self.log_path, "a") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                self._tail.append(line)
+                if ready_marker in line:
+                    self._loop.call_soon_threadsafe(_resolve, self._ready, None)
+
+    def _reap(self) -> None:
+        """Once it exits, end what is left of its process group (a vLLM engine core a SIGKILL left
+        behind, which would also hold its log pipe open), then report the exit."""
+        code = self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._loop.call_soon_threadsafe(_resolve, self._exited, code)
+
+    async def ready(self, what: str) -> None:
+        done, _ = await asyncio.wait([self._ready, self._exited], return_when=asyncio.FIRST_COMPLETED)
+        if self._ready not in done:
+            raise ExecutorStartError(
+                f"{what} exited with code {self._exited.result()} before it was ready; the end of its log "
+                f"({self.log_path}):\n{self.log_tail()}"
+            )
+
+    async def exited(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def alive(self) -> bool:
+        return not self._exited.done()
+
+    def log_tail(self) -> str:
+        return "".join(self._tail)
+
+    async def stop(self, grace_s: float) -> None:
+        if self._exited.done():
+            return
+        self.process.terminate()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited), grace_s)
+        except asyncio.TimeoutError:
+            self.process.kill()
+            await asyncio.shield(self._exited)
+
+
+class LocalExecutor(ExecutorHandle):
+    def __init__(self, spec: ExecutorSpec, process: LocalProcess) -> None:
+        super().__init__(spec)
+        self.process = process
+
+    async def ready(self) -> None:
+        await self.process.ready(f"executor {self.id} of deployment {self.spec.deployment_id}")
+
+    async def exited(self) -> int:
+        return await self.process.exited()
+
+    def log_tail(self) -> str:
+        return self.process.log_tail()
+
+
+class LocalBackend(ExecutorBackend):
+    """One node, this machine: executors and its sidecar are child processes of the control plane."""
+
+    def __init__(self, redis_url: str, logs: pathlib.Path, capacity: Capacity, namespace: str | None = None,
+                 sidecar_memory_cap: str = "2GiB", node_name: str = "local") -> None:
+        self.redis_url = redis_url
+        self.logs = logs
+        self.capacity = capacity
+        self.namespace = namespace
+        self.sidecar_memory_cap = sidecar_memory_cap
+        self.node_name = node_name
+        # unique per control plane: several stacks may share one Redis (tests, a second checkout)
+        self.sidecar_id = f"{node_name}-{uuid.uuid4().hex[:8]}"
+        self._sidecar: LocalProcess | None = None
+        self._sidecar_lock: asyncio.Lock | None = None
+
+    def nodes(self) -> list[Node]:
+        groups = {GROUP_CPU} | ({GROUP_GPU} if self.capacity.gpu > 0 else set())
+        return [Node(self.node_name, self.capacity, frozenset(groups))]
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, ENV_URL: self.redis_url, ENV_SIDECAR_ID: self.sidecar_id}
+        if self.namespace:
+            env[ENV_NAMESPACE] = self.namespace
+        return env
+
+    async def ensure_sidecar(self, node: str) -> None:
+        self._sidecar_lock = self._sidecar_lock or asyncio.Lock()
+        async with self._sidecar_lock:
+            if self._sidecar is not None and self._sidecar.alive():
+                return
+            self._sidecar = LocalProcess(
+                [*CLI, "sidecar", "--id", self.sidecar_id, "--memory-cap", self.sidecar_memory_cap],
+                self._env(), self.logs / f"sidecar-{self.sidecar_id}.log", "sidecar ready",
+            )
+            await self._sidecar.ready(f"sidecar {self.sidecar_id}")
+
+    async def start_executor(self, spec: ExecutorSpec) -> ExecutorHandle:
+        command = [*CLI, "executor", "--task", spec.task_json, "--executor-id", spec.executor_id]
+        process = LocalProcess(command, self._env(), self.logs / f"{spec.executor_id}.log",
+                               f"executor {spec.executor_id} serving")
+        return LocalExecutor(spec, process)
+
+    async def stop_executor(self, handle: ExecutorHandle, grace_s: float = 60.0) -> None:
+        assert isinstance(handle, LocalExecutor)
+        await handle.process.stop(grace_s)
+
+    def executor_pid(self, handle: ExecutorHandle) -> int:
+        assert isinstance(handle, LocalExecutor)
+        return handle.process.pid
+
+    async def close(self) -> None:
+        if self._sidecar is not None:
+            await self._sidecar.stop(10.0)
+
+
+def _resolve(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)

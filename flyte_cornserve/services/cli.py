@@ -1,0 +1,308 @@
+"""`cornserve up / down / status / deploy / undeploy`: manage the stack by hand.
+
+`pyflyte run` starts the embedded stack on its own; these commands start it ahead of time with a
+chosen capacity, show what runs (deployments, executors, queues, recent invocations), deploy a
+task's executors before the first request, and stop things.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import click
+
+from flyte_cornserve.task import Task, UnitTask
+
+from .stack import READY_LINE, current_url, read_state, stack_dir
+
+
+def _machine_memory() -> str:
+    return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**20}Mi"
+
+
+def _machine_gpus() -> int:
+    return sum(1 for name in os.listdir("/dev") if name.startswith("nvidia") and name[6:].isdigit())
+
+
+@click.command("up")
+@click.option("--cpu", type=click.FloatRange(min=0.1), default=None, help="cores executors may reserve [default: this machine's]")
+@click.option("--memory", default=None, help="memory executors may reserve, e.g. 16Gi [default: this machine's]")
+@click.option("--gpu", type=click.IntRange(min=0), default=None, help="GPUs executors may reserve [default: this machine's]")
+@click.option("--idle-ttl", type=click.FloatRange(min=0.1), default=1800.0, show_default=True,
+              help="seconds a deployment may stay idle before its executors are stopped")
+@click.option("--foreground", is_flag=True, help="run the control plane in this process (e.g. in a container)")
+@click.option("--announce", is_flag=True, hidden=True, help="print the ready line, then log to the stack's log file")
+def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, foreground: bool, announce: bool) -> None:
+    """Start the stack: Redis (embedded unless CORNSERVE_REDIS_URL is set) and the control plane."""
+    from flyte_cornserve.task import Resources
+
+    memory = memory or _machine_memory()
+    Resources(memory=memory)  # validates the quantity
+    capacity_args = ["--cpu", str(cpu or os.cpu_count() or 1), "--memory", memory,
+                     "--gpu", str(_machine_gpus() if gpu is None else gpu), "--idle-ttl", str(idle_ttl)]
+    if not foreground:
+        from flyte_cornserve.redis_server import ENV_URL
+
+        from .stack import control_plane_alive, ensure_stack, start_daemon
+
+        url = current_url()
+        if url and control_plane_alive(url):
+            click.echo(f"the stack is already up (redis {url}); `cornserve status` shows it")
+            return
+        if os.environ.get(ENV_URL):  # a control plane for the Redis named there
+            url = start_daemon(click.echo, capacity_args)["redis"]
+        else:
+            url = ensure_stack(progress=click.echo, up_args=capacity_args)
+        click.echo(f"the stack is up: redis {url}; logs in {stack_dir() / 'logs'}")
+        return
+    _serve(cpu or os.cpu_count() or 1, Resources(memory=memory).memory_bytes,
+           _machine_gpus() if gpu is None else gpu, idle_ttl, announce)
+
+
+def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, announce: bool) -> None:
+    import redis.asyncio as aioredis
+
+    from flyte_cornserve.home import use_project_tmp
+    from flyte_cornserve.redis_server import ENV_URL, redis_url
+
+    from .backend import LocalBackend
+    from .control_plane import ControlPlane
+    from .resources import Capacity
+    from .stack import clear_state, write_state
+
+    use_project_tmp()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    embedded = not os.environ.get(ENV_URL)
+    url = redis_url()  # the embedded server unless CORNSERVE_REDIS_URL is set; exported to children
+    logs = stack_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    backend = LocalBackend(url, logs, Capacity(cpu, memory_bytes, gpu))
+
+    async def main() -> None:
+        plane = ControlPlane(aioredis.Redis.from_url(url), backend, idle_ttl_s=idle_ttl)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, plane.request_stop)
+
+        def ready() -> None:
+            log_file = logs / "control-plane.log"
+            if embedded:  # how later runs find this stack
+                write_state({"pid": os.getpid(), "redis_url": url, "log": str(log_file), "started_at": time.time()})
+            if announce:
+                click.echo(f"{READY_LINE} pid={os.getpid()} redis={url}")
+                fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.close(fd)
+
+        await plane.run(on_ready=ready)
+
+    try:
+        asyncio.run(main())
+    finally:
+        clear_state(os.getpid())
+
+
+@click.command("down")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds to wait for a clean stop")
+def down(timeout: float) -> None:
+    """Stop the stack: executors finish what they run, then everything exits."""
+    from . import control
+    from .stack import wait_for_exit
+
+    url = current_url()
+    if url is None:
+        click.echo("no stack is running")
+        return
+    state = read_state()
+
+    async def shutdown() -> None:
+        await control.request(_client(url), "shutdown", 30.0)
+
+    try:
+        asyncio.run(shutdown())
+    except control.ControlPlaneError as exc:
+        if state is None:
+            raise click.ClickException(str(exc)) from None
+        os.kill(state["pid"], signal.SIGTERM)  # a daemon that no longer answers on Redis
+    if state is not None and not wait_for_exit(state["pid"], timeout):
+        raise click.ClickException(f"the stack (pid {state['pid']}) did not stop within {timeout:g} s")
+    click.echo("the stack is down")
+
+
+@click.command("status")
+@click.option("--invocations", "limit", type=click.IntRange(min=0), default=10, show_default=True,
+              help="how many recent invocations to list")
+def status(limit: int) -> None:
+    """Show the control plane, deployments, executors, queue depths and recent invocations."""
+    from rich.console import Console
+
+    url = current_url()
+    if url is None:
+        click.echo("no stack is running (`cornserve up` starts one; so does the first `pyflyte run`)")
+        return
+    Console().print(*asyncio.run(_status_tables(url, limit)))
+
+
+async def _status_tables(url: str, limit: int) -> list[Any]:
+    from rich.table import Table
+
+    from .control import control_plane_info, list_deployments
+    from .invocations import InvocationStore
+
+    client = _client(url)
+    store = InvocationStore(client)
+    info = await control_plane_info(client)
+    now = time.time()
+    tables: list[Any] = []
+
+    plane = Table(title=f"control plane (redis {url})")
+    for column in ("pid", "host", "up for", "idle ttl", "node", "groups", "capacity", "free"):
+        plane.add_column(column)
+    if info is None:
+        plane.add_row("-", "-", "not running", "", "", "", "", "")
+    for node in (info or {}).get("nodes", []):
+        plane.add_row(str(info["pid"]), info["host"], _ago(now - info["started_at"]), f"{info['idle_ttl_s']:g} s",
+                      node["node"], ",".join(node["groups"]), node["capacity"], node["free"])
+    tables.append(plane)
+
+    deployments = await list_deployments(client)
+    table = Table(title="deployments")
+    for column in ("deployment", "task", "state", "executors", "restarts", "queued+running", "idle for", "message"):
+        table.add_column(column)
+    executors = Table(title="executors")
+    for column in ("executor", "deployment", "pid", "host", "alive"):
+        executors.add_column(column)
+    for deployment in deployments:
+        backlog = await client.xlen(f"cornserve:queue:{deployment.id}")
+        table.add_row(deployment.id, deployment.label, deployment.state.value, str(len(deployment.executors)),
+                      str(deployment.restarts), str(backlog), _ago(now - deployment.last_used), deployment.message[:80])
+        for executor_id in deployment.executors:
+            raw = await client.get(f"cornserve:executor:{executor_id}")
+            beat = json.loads(raw) if raw else {}
+            executors.add_row(executor_id, deployment.id, str(beat.get("pid", "-")), beat.get("host", "-"),
+                              "yes" if raw else "no (starting or gone)")
+    tables += [table, executors]
+
+    recent = Table(title=f"recent invocations (last {limit})")
+    for column in ("invocation", "task", "state", "attempt", "executor", "submitted", "took", "error"):
+        recent.add_column(column)
+    for record in await store.recent(limit) if limit else []:
+        took = "" if record.finished_at is None else f"{(record.finished_at - record.created_at) * 1000:.0f} ms"
+        recent.add_row(record.id[:12], record.label, record.state.value, str(record.attempt), record.executor,
+                       _ago(now - record.created_at) + " ago", took, record.error[:80])
+    tables.append(recent)
+    return tables
+
+
+@click.command("deploy")
+@click.argument("target")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="executors per deployment")
+def deploy(target: str, replicas: int) -> None:
+    """Deploy TARGET's unit tasks now: `module:attr` or `path.py:attr` naming a task, or a unit task's JSON."""
+    from .stack import ensure_stack
+
+    tasks = unit_tasks_in(load_task(target))
+    url = ensure_stack(progress=click.echo)
+    results = asyncio.run(_deploy_all(url, tasks, replicas))
+    for task, outcome in zip(tasks, results):
+        if isinstance(outcome, Exception):
+            raise click.ClickException(str(outcome))
+        click.echo(f"{outcome}  {type(task).__name__} ready")
+
+
+async def _deploy_all(url: str, tasks: list[UnitTask], replicas: int) -> list[Any]:
+    from . import control
+
+    client = _client(url)
+    return await asyncio.gather(
+        *(_deploy_one(client, control, task, replicas) for task in tasks), return_exceptions=True
+    )
+
+
+async def _deploy_one(client, control, task: UnitTask, replicas: int) -> str:
+    from .dispatcher import DEPLOY_TIMEOUT_S
+
+    reply = await control.request(client, "deploy", DEPLOY_TIMEOUT_S, task=task.to_json(), replicas=replicas)
+    return reply["deployment"]
+
+
+@click.command("undeploy")
+@click.argument("target")
+def undeploy(target: str) -> None:
+    """Stop a deployment: TARGET is a deployment id (see `cornserve status`) or a task as for `deploy`."""
+    from . import control
+
+    url = current_url()
+    if url is None:
+        raise click.ClickException("no stack is running")
+    ids = [target] if ":" not in target and not target.startswith("{") else [
+        task.deployment_id() for task in unit_tasks_in(load_task(target))
+    ]
+
+    async def stop_all() -> list[dict]:
+        client = _client(url)
+        return [await control.request(client, "undeploy", 300.0, deployment_id=i) for i in ids]
+
+    for deployment_id, reply in zip(ids, asyncio.run(stop_all())):
+        click.echo(f"{deployment_id}  {'stopped' if reply['found'] else 'was not deployed'}")
+
+
+def load_task(target: str) -> Task:
+    """A task from `module:attr`, `path/to/file.py:attr` or a unit task's JSON."""
+    import importlib
+    import pathlib
+    import sys
+
+    from flyte_cornserve.task import unit_task_from_json
+
+    if target.lstrip().startswith("{"):
+        return unit_task_from_json(target)
+    source, _, attr = target.rpartition(":")
+    if not source or not attr:
+        raise click.BadParameter(f"{target!r}: expected module:attr, path.py:attr or a unit task's JSON")
+    if source.endswith(".py"):  # as pyflyte does: the file's folder on sys.path, imported by name
+        path = pathlib.Path(source).resolve()
+        if not path.is_file():
+            raise click.BadParameter(f"no file {source}")
+        sys.path.insert(0, str(path.parent))
+        source = path.stem
+    module = importlib.import_module(source)
+    task = getattr(module, attr, None)
+    if not isinstance(task, Task):
+        raise click.BadParameter(f"{target!r} is not a task (got {type(task).__name__})")
+    return task
+
+
+def unit_tasks_in(task: Task) -> list[UnitTask]:
+    """The unit tasks a task is made of: itself, or the unit tasks among a composite's fields."""
+    if isinstance(task, UnitTask):
+        return [task]
+    found: list[UnitTask] = []
+    for name in type(task).model_fields:
+        value = getattr(task, name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, Task):
+                found += [t for t in unit_tasks_in(item) if t.deployment_id() not in {f.deployment_id() for f in found}]
+    return found
+
+
+def _client(url: str):
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(url)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

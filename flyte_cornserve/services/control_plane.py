@@ -1,0 +1,121 @@
+"""The control plane: answers deploy / undeploy requests and runs the task manager's periodic look.
+
+One control plane serves one Redis (it holds `cornserve:control-plane` with a short TTL while it
+lives; a second one refuses to start). It runs in the embedded stack's daemon (`cornserve up`) or,
+in production, as its own service; clients reach it only through Redis (`control.request`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+
+import redis.asyncio as aioredis
+
+from .backend import ExecutorBackend
+from .control import CONTROL_PLANE_KEY, REPLY_TTL_S, REQUESTS_KEY, reply_key
+from .invocations import MAX_BLOCK_S
+from .resources import ResourceManager
+from .task_manager import TaskManager
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+RECONCILE_S = 1.0
+
+
+class ControlPlane:
+    def __init__(self, client: aioredis.Redis, backend: ExecutorBackend, idle_ttl_s: float = 1800.0) -> None:
+        self.redis = client
+        self.backend = backend
+        self.resources = ResourceManager(backend.nodes())
+        self.tasks = TaskManager(client, backend, self.resources, idle_ttl_s)
+        self.tasks.on_change = self._publish
+        self._stopping = asyncio.Event()
+        self._handlers: set[asyncio.Task] = set()
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
+                     "idle_ttl_s": idle_ttl_s, "nodes": self.resources.usage()}
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, on_ready=None) -> None:
+        """Serve until `request_stop()` (or a `shutdown` request); then stop every deployment."""
+        if not await self.redis.set(CONTROL_PLANE_KEY, json.dumps(self.info), nx=True, px=int(HEARTBEAT_S * 3000)):
+            other = await self.redis.get(CONTROL_PLANE_KEY)
+            raise RuntimeError(f"another cornserve control plane already serves this Redis: {other!r}")
+        background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reconcile())]
+        log.info("control plane ready (pid %d, nodes %s)", os.getpid(), self.resources.usage())
+        if on_ready is not None:
+            on_ready()
+        try:
+            await self._serve()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.tasks.stop_all()
+            await self.backend.close()
+            await self.redis.delete(CONTROL_PLANE_KEY)
+            log.info("control plane stopped")
+
+    async def _serve(self) -> None:
+        while not self._stopping.is_set():
+            popped = await self.redis.blpop([REQUESTS_KEY], timeout=min(MAX_BLOCK_S, 1.0))
+            if popped is None:
+                continue
+            try:
+                request = json.loads(popped[1])
+            except json.JSONDecodeError:
+                log.error("dropped a malformed control request: %r", popped[1][:200])
+                continue
+            handler = asyncio.create_task(self._answer(request))
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
+
+    async def _answer(self, request: dict) -> None:
+        op, args = request.get("op"), request.get("args") or {}
+        try:
+            if op == "deploy":
+                deployment = await self.tasks.deploy(args["task"], int(args.get("replicas", 1)), bool(args.get("wait", True)))
+                reply = {"ok": True, "deployment": deployment.id, "state": deployment.state.value}
+            elif op == "undeploy":
+                found = await self.tasks.undeploy(args["deployment_id"], "undeployed on request")
+                reply = {"ok": True, "found": found}
+            elif op == "shutdown":
+                self.request_stop()
+                reply = {"ok": True}
+            else:
+                reply = {"ok": False, "error": f"unknown control request {op!r}"}
+        except Exception as exc:  # refusals and failures go back to the caller, the control plane lives on
+            log.warning("control request %s failed: %s", op, exc)
+            reply = {"ok": False, "error": str(exc)}
+        if request.get("id"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lpush(reply_key(request["id"]), json.dumps(reply))
+                pipe.expire(reply_key(request["id"]), REPLY_TTL_S)
+                await pipe.execute()
+
+    # Both loops also end on `_stopping`: redis-py 8 can swallow a cancellation that lands mid-command.
+
+    async def _heartbeat(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(HEARTBEAT_S)  # the heartbeat period
+            await self._publish()
+
+    async def _publish(self) -> None:
+        """Refresh the liveness key, with the nodes' current usage."""
+        self.info["nodes"] = self.resources.usage()
+        await self.redis.set(CONTROL_PLANE_KEY, json.dumps(self.info), px=int(HEARTBEAT_S * 3000))
+
+    async def _reconcile(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(RECONCILE_S)  # the look's period: liveness and idle TTLs are checked this often
+            try:
+                await self.tasks.reconcile()
+            except Exception:
+                log.exception("reconcile failed; trying again next period")

@@ -1,0 +1,164 @@
+"""The dispatcher: the submitting side of an invocation, with the semantics Flyte promises.
+
+It routes an invocation to a deployment (the least-loaded deployed one among the task's routing
+candidates), has the control plane deploy it on first use, enqueues it with its deadline, and
+waits on Redis for the outcome. `run()` adds what FlytePropeller does on a cluster and flytekit's
+local mode does not: the timeout is enforced (the executor aborts the invocation), recoverable
+failures are retried with exponential backoff, user errors fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from flyte_cornserve.descriptors import descriptor_for
+from flyte_cornserve.task import TaskIO, UnitTask
+
+from . import control
+from .control import DeploymentState, load_deployment
+from .invocations import TERMINAL, ErrorKind, InvocationStore, Record, State, queue_key
+from .task_manager import describe
+
+#: a deployment may need to build a model and start an engine first
+DEPLOY_TIMEOUT_S = 900.0
+#: waiting for an invocation without a timeout of its own: re-check this often that it still exists
+WAIT_SLICE_S = 60.0
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 10.0
+
+Progress = Callable[[str], None]
+
+
+class InvocationFailed(RuntimeError):
+    """The invocation ended in ERROR or CANCELLED; `record` says how (error, kind, attempts)."""
+
+    def __init__(self, message: str, record: Record) -> None:
+        super().__init__(message)
+        self.record = record
+
+    @property
+    def retryable(self) -> bool:
+        return self.record.error_kind is ErrorKind.RECOVERABLE
+
+
+@dataclass(frozen=True)
+class Submission:
+    invocation_id: str
+    deployment_id: str
+    task: UnitTask  # the routing candidate that serves it
+    timeout_s: float | None
+
+
+class Dispatcher:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self.store = InvocationStore(client)
+
+    async def route(self, task: UnitTask) -> UnitTask:
+        """The candidate whose deployment is least loaded (queued + running per executor); the
+        preferred one when none is deployed yet."""
+        candidates = task.routing_candidates()
+        if len(candidates) == 1:
+            return candidates[0]
+        loads = []
+        for rank, candidate in enumerate(candidates):
+            deployment = await load_deployment(self.redis, candidate.deployment_id())
+            if deployment is None or deployment.state is not DeploymentState.READY:
+                continue
+            backlog = await self.redis.xlen(queue_key(deployment.id))
+            loads.append((backlog / max(1, len(deployment.executors)), rank, candidate))
+        return min(loads, key=lambda load: load[:2])[2] if loads else candidates[0]
+
+    async def deploy(self, task: UnitTask, progress: Progress | None = None, wait: bool = True) -> str:
+        """Make sure `task` is deployed (and READY, if `wait`); return its deployment id."""
+        deployment_id = task.deployment_id()
+        deployment = await load_deployment(self.redis, deployment_id)
+        if deployment is not None and deployment.state is DeploymentState.READY:
+            await control.touch(self.redis, deployment_id)
+            return deployment_id
+        label = describe(task)
+
+        async def report(waited: float) -> None:
+            current = await load_deployment(self.redis, deployment_id)
+            what = current.message if current is not None and current.message else "starting"
+            progress(f"deploying {label}: {what} ({waited:.0f} s)")
+
+        pending: set[asyncio.Task] = set()
+
+        def on_wait(waited: float) -> None:  # called between blocking reads of the reply
+            if progress is not None:
+                pending.add(asyncio.ensure_future(report(waited)))
+
+        if progress is not None:
+            progress(f"deploying {label}")
+        await control.request(self.redis, "deploy", DEPLOY_TIMEOUT_S, progress=on_wait, task=task.to_json(), wait=wait)
+        await asyncio.gather(*pending, return_exceptions=True)
+        return deployment_id
+
+    async def submit(self, task: UnitTask, request: TaskIO | Mapping[str, Any], attempts: int = 1,
+                     progress: Progress | None = None, wait_ready: bool = True) -> Submission:
+        """Validate, route, deploy if needed, enqueue. Raises `TaskInputError` for bad input and
+        `ControlPlaneError` for a deployment that is refused. Without `wait_ready` it enqueues as
+        soon as the deployment is admitted (its executors pick the invocation up once they serve)."""
+        validated = task.validate_input(request)
+        target = await self.route(task)
+        deployment_id = await self.deploy(target, progress, wait=wait_ready)
+        timeout = task.options.timeout
+        timeout_s = timeout.total_seconds() if timeout is not None else None
+        payload = descriptor_for(target).encode_request(validated)
+        invocation_id = await self.store.submit(deployment_id, payload, timeout_s=timeout_s, max_attempts=attempts,
+                                                label=describe(target))
+        return Submission(invocation_id, deployment_id, target, timeout_s)
+
+    async def outcome(self, submission: Submission) -> Record:
+        """Wait for the terminal record; past the deadline, time the invocation out (recoverable)."""
+        deadline = None if submission.timeout_s is None else time.monotonic() + submission.timeout_s
+        while True:
+            remaining = WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
+            record = await self.store.wait(submission.invocation_id, max(0.0, remaining))
+            if record.state in TERMINAL:
+                return record
+            if deadline is not None and time.monotonic() >= deadline:
+                await self.store.time_out(submission.invocation_id, submission.timeout_s or 0.0)
+                return await self.store.record(submission.invocation_id)
+
+    async def run(self, task: UnitTask, request: TaskIO | Mapping[str, Any],
+                  progress: Progress | None = None, on_submit: Callable[[Submission], None] | None = None) -> TaskIO:
+        """Run one invocation to its output, retrying recoverable failures `options.retries` times."""
+        attempts = task.options.retries + 1
+        used = 0
+        while True:
+            submission = await self.submit(task, request, attempts=attempts - used, progress=progress)
+            if on_submit is not None:
+                on_submit(submission)
+            record = await self.outcome(submission)
+            used += max(1, record.attempt)  # an executor death re-runs it within one submission
+            if record.state is State.DONE:
+                return descriptor_for(submission.task).decode_response(record.output or {})
+            failure = failure_of(submission.task, record)
+            if not failure.retryable or used >= attempts:
+                raise failure
+            backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (used - 1))
+            if progress is not None:
+                progress(f"{describe(submission.task)}: {record.error}; retry {used} of {attempts - 1} in {backoff:g} s")
+            await asyncio.sleep(backoff)  # the retry backoff itself
+
+    async def cancel(self, invocation_id: str) -> bool:
+        return await self.store.cancel(invocation_id)
+
+
+def failure_of(task: UnitTask, record: Record) -> InvocationFailed:
+    """The error a caller sees: task, invocation, state, kind and the executor's message."""
+    if record.state is State.CANCELLED:
+        return InvocationFailed(f"{describe(task)} invocation {record.id} was cancelled", record)
+    kind = record.error_kind.value if record.error_kind else "unknown"
+    attempts = f", after {record.attempt} attempt(s)" if record.attempt > 1 else ""
+    return InvocationFailed(
+        f"{describe(task)} invocation {record.id} failed ({kind} error{attempts}): {record.error}", record
+    )
