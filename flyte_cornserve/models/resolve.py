@@ -7,9 +7,12 @@ Hugging Face model id, resolved from the local Hugging Face cache (no hub is rea
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 from flyte_cornserve.home import cornserve_home
+
+log = logging.getLogger(__name__)
 
 
 class ModelNotFoundError(LookupError):
@@ -31,6 +34,7 @@ def resolve_model(model_id: str, build: bool = True) -> pathlib.Path:
         if not (target / "config.json").exists():
             if not build:
                 raise ModelNotFoundError(f"tiny model {model_id!r} is not built yet: run `cornserve models build-tiny`")
+            log.info("building tiny model %s into %s (first use, about 30 s)", model_id, models_dir())
             build_tiny(model_id, models_dir())
         return target
     try:
