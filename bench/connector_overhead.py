@@ -13,35 +13,19 @@ polls `get()` once a second. Runs alternate, ours first, on one private stack st
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
 import click
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from stack import PrivateStack  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE = str(ROOT / "workflows" / "images" / "blue-circle-on-yellow.png")
-
-
-def start_stack() -> tuple[subprocess.Popen, str]:
-    from flyte_cornserve.redis_server import ENV_URL, redis_url
-    from flyte_cornserve.services.backend import CLI
-
-    url = redis_url()  # a private embedded Redis for this benchmark, exported to the control plane
-    process = subprocess.Popen([*CLI, "up", "--foreground", "--cpu", "4"], env={**os.environ, ENV_URL: url},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if "control plane ready" in line:
-            break
-    else:
-        raise SystemExit(f"the control plane exited with {process.wait()}")
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-    return process, url
 
 
 @click.command()
@@ -50,15 +34,11 @@ def main(runs: int) -> None:
     from flyte_cornserve.home import use_project_tmp
 
     use_project_tmp()
-    process, url = start_stack()
-    try:
-        measure(url, runs)
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
+    with PrivateStack() as stack:
+        measure(stack, runs)
 
 
-def measure(url: str, runs: int) -> None:
+def measure(stack: PrivateStack, runs: int) -> None:
     import redis.asyncio as aioredis
     from flytekit import workflow
     from flytekit.extend.backend.base_connector import AsyncConnectorExecutorMixin
@@ -66,7 +46,6 @@ def measure(url: str, runs: int) -> None:
     from cornserve_builtins.encoder import EncoderTask
     from cornserve_builtins.llm import LLMTask
     from flyte_cornserve.flyte import CornserveTask, flyte_task
-    from flyte_cornserve.services.dispatcher import Dispatcher
     from flyte_cornserve.services.invocations import InvocationStore, State
 
     encoder, llm = EncoderTask(model_id="tiny-llava"), LLMTask(model_id="tiny-llava")
@@ -85,15 +64,11 @@ def measure(url: str, runs: int) -> None:
     def stock(image: str) -> str:
         return stock_llm(prompt="Describe the image.", embeddings=[stock_encoder(data=image)])
 
-    async def deploy() -> None:
-        dispatcher = Dispatcher(aioredis.Redis.from_url(url))
-        await asyncio.gather(dispatcher.deploy(encoder), dispatcher.deploy(llm))
-
     async def last_two() -> list:
-        return await InvocationStore(aioredis.Redis.from_url(url)).recent(2)
+        return await InvocationStore(aioredis.Redis.from_url(stack.url)).recent(2)
 
     print("deploying the encoder and the LLM (tiny Llava) ...", flush=True)
-    asyncio.run(deploy())
+    stack.deploy(encoder, llm)
     for workflow_fn in (ours, stock):  # warm-up: connections, flytekit's first compile
         workflow_fn(image=IMAGE)
 

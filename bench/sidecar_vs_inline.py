@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from stack import LocalStack  # noqa: E402
+from stack import PrivateStack  # noqa: E402
 
 from cornserve_builtins.llm import LLMInput, LLMTask  # noqa: E402
 from flyte_cornserve import redis_server  # noqa: E402
@@ -136,8 +136,8 @@ def main() -> None:
     model_dir = resolve_model("tiny-llava")
     tensors = embeddings(args.requests)
 
-    with LocalStack() as stack:
-        stack.start_executor(LLMTask(model_id="tiny-llava"))
+    with PrivateStack() as stack:
+        stack.deploy(LLMTask(model_id="tiny-llava"))
         asyncio.run(through_sidecar(tensors[:args.concurrency], args.concurrency))  # warm-up
         ours = asyncio.run(through_sidecar(tensors, args.concurrency))
 

@@ -1,54 +1,62 @@
-"""A local stack for benchmarks: Redis, one sidecar and executors as processes on this machine."""
+"""A private stack for benchmarks: an embedded Redis and a control plane of their own.
+
+Executors are deployed through the control plane, exactly as a workflow run deploys them, and
+everything stops on exit. The benchmark process talks to the same Redis (`CORNSERVE_REDIS_URL`)
+and, for tensors, to the node's sidecar (`CORNSERVE_SIDECAR_ID`), both exported here.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
-import sys
 import threading
-import uuid
+
+import redis.asyncio as aioredis
 
 from flyte_cornserve import redis_server
+from flyte_cornserve.services.backend import CLI
+from flyte_cornserve.services.control import control_plane_info
+from flyte_cornserve.services.dispatcher import Dispatcher
 from flyte_cornserve.sidecar.directory import ENV_SIDECAR_ID
 from flyte_cornserve.task import UnitTask
 
-CLI = [sys.executable, "-c", "from flyte_cornserve.cli import main; main()"]
 
+class PrivateStack:
+    """`with PrivateStack() as stack: stack.deploy(task, ...)`."""
 
-class LocalStack:
-    """`with LocalStack() as stack: stack.start_executor(task)`; everything stops on exit."""
+    def __init__(self, cpu: int = 4) -> None:
+        self.cpu = cpu
+        self.process: subprocess.Popen[str] | None = None
 
-    def __init__(self) -> None:
-        self.sidecar_id = f"bench-{uuid.uuid4().hex[:6]}"
-        self.processes: list[subprocess.Popen[str]] = []
-
-    def __enter__(self) -> LocalStack:
-        redis_server.redis_url()  # embedded unless CORNSERVE_REDIS_URL is set; exported to children
-        os.environ[ENV_SIDECAR_ID] = self.sidecar_id
-        self._start([*CLI, "sidecar", "--id", self.sidecar_id, "--memory-cap", "1GiB"], "sidecar ready")
+    def __enter__(self) -> PrivateStack:
+        self.url = redis_server.redis_url()  # embedded unless CORNSERVE_REDIS_URL is set; exported
+        self.process = subprocess.Popen(
+            [*CLI, "up", "--foreground", "--cpu", str(self.cpu)], env={**os.environ, redis_server.ENV_URL: self.url},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        tail: list[str] = []
+        for line in self.process.stdout:
+            tail = (tail + [line])[-30:]
+            if "control plane ready" in line:
+                break
+        else:
+            raise RuntimeError(f"the control plane exited with {self.process.wait()}:\n{''.join(tail)}")
+        threading.Thread(target=lambda: [None for _ in self.process.stdout], daemon=True).start()
+        info = asyncio.run(control_plane_info(aioredis.Redis.from_url(self.url)))
+        os.environ[ENV_SIDECAR_ID] = next(iter(info["sidecars"].values()))
         return self
 
-    def start_executor(self, task: UnitTask) -> subprocess.Popen[str]:
-        executor_id = f"bench-{uuid.uuid4().hex[:6]}"
-        return self._start([*CLI, "executor", "--task", task.to_json(), "--executor-id", executor_id],
-                           f"executor {executor_id} serving")
+    def deploy(self, *tasks: UnitTask) -> None:
+        """Deploy the tasks (in parallel) and return once their executors serve."""
 
-    def _start(self, command: list[str], ready: str) -> subprocess.Popen[str]:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.processes.append(process)
-        tail: list[str] = []
-        for line in process.stdout:
-            tail = (tail + [line])[-30:]
-            if ready in line:
-                threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-                return process
-        raise RuntimeError(f"{command[3]} exited with {process.wait()}:\n{''.join(tail)}")
+        async def deploy_all() -> None:
+            dispatcher = Dispatcher(aioredis.Redis.from_url(self.url))
+            await asyncio.gather(*(dispatcher.deploy(task) for task in tasks))
+
+        asyncio.run(deploy_all())
 
     def __exit__(self, *exc: object) -> None:
-        for process in reversed(self.processes):
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        if self.process is not None:
+            self.process.terminate()  # the control plane stops its executors and the sidecar first
+            self.process.wait(timeout=120)

@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from stack import LocalStack  # noqa: E402
+from stack import PrivateStack  # noqa: E402
 
 from cornserve_builtins.encoder import EncoderTask  # noqa: E402
 from flyte_cornserve import redis_server  # noqa: E402
@@ -80,8 +80,8 @@ def main() -> None:
 
 def measure(image: str, count: int) -> tuple[float, float, float, float]:
     started = time.perf_counter()
-    with LocalStack() as stack:
-        stack.start_executor(EncoderTask(model_id="tiny-llava"))
+    with PrivateStack() as stack:
+        stack.deploy(EncoderTask(model_id="tiny-llava"))
         startup = time.perf_counter() - started
         warm_sequential, warm_batched = asyncio.run(warm(image, count))
     return startup, warm_sequential, warm_batched, cold(image, count)

@@ -49,14 +49,12 @@ _PHASES = {
 
 @dataclass
 class CornserveMetadata(ResourceMeta):
-    """What Flyte keeps between calls: which invocation, of which routed unit task, until when."""
+    """What Flyte keeps between calls: which invocation, of which routed unit task (its deadline
+    is in the invocation's record)."""
 
     invocation_id: str = ""
     task: str = ""  # the unit task that serves it (the routing candidate), as JSON
-    deadline: float = 0.0  # epoch seconds; 0 = no timeout
-    timeout_s: float = 0.0
-    error: str = ""  # the invocation was refused at create(): get() reports it as a failure
-    retryable: bool = False
+    error: str = ""  # refused at create() (bad input, a deployment that does not fit): get() fails it
 
 
 class CornserveConnector(AsyncConnectorBase):
@@ -76,20 +74,17 @@ class CornserveConnector(AsyncConnectorBase):
             )
             # Propeller's CreateTask call is short-lived: enqueue once the deployment is admitted
             submission = await (await _dispatcher()).submit(unit_task, request, wait_ready=False)
-        except (TaskInputError, ValueError, TypeError) as exc:
-            return CornserveMetadata(error=str(exc), retryable=False)
-        except ControlPlaneError as exc:  # e.g. a deployment that does not fit: fix the stack, then retry
-            return CornserveMetadata(error=str(exc), retryable=False)
-        return _metadata(submission)
+        except (TaskInputError, ValueError, TypeError, ControlPlaneError) as exc:  # retrying cannot help
+            return CornserveMetadata(error=str(exc))
+        return CornserveMetadata(invocation_id=submission.invocation_id, task=submission.task.to_json())
 
     async def get(self, resource_meta: CornserveMetadata, **kwargs: Any) -> Resource:
         if resource_meta.error:
-            phase = TaskExecution.RETRYABLE_FAILED if resource_meta.retryable else TaskExecution.FAILED
-            return Resource(phase=phase, message=resource_meta.error)
+            return Resource(phase=TaskExecution.FAILED, message=resource_meta.error)
         dispatcher = await _dispatcher()
         record = await dispatcher.store.record(resource_meta.invocation_id)
-        if record.state not in TERMINAL and resource_meta.deadline and time.time() >= resource_meta.deadline:
-            await dispatcher.store.time_out(record.id, resource_meta.timeout_s)
+        if record.state not in TERMINAL and record.deadline and time.time() >= record.deadline:
+            await dispatcher.store.time_out(record.id, record.deadline - record.created_at)
             record = await dispatcher.store.record(record.id)
         task = unit_task_from_json(resource_meta.task)
         if record.state is State.DONE:
@@ -104,14 +99,6 @@ class CornserveConnector(AsyncConnectorBase):
     async def delete(self, resource_meta: CornserveMetadata, **kwargs: Any) -> None:
         if resource_meta.invocation_id:
             await (await _dispatcher()).cancel(resource_meta.invocation_id)
-
-
-def _metadata(submission: Submission) -> CornserveMetadata:
-    timeout = submission.timeout_s or 0.0
-    return CornserveMetadata(
-        invocation_id=submission.invocation_id, task=submission.task.to_json(),
-        deadline=time.time() + timeout if timeout else 0.0, timeout_s=timeout,
-    )
 
 
 async def _literals(output: Any) -> LiteralMap:

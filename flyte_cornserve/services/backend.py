@@ -75,6 +75,10 @@ class ExecutorBackend(ABC):
         """The nodes with their capacity and groups (read once by the resource manager)."""
 
     @abstractmethod
+    def sidecar_id(self, node: str) -> str:
+        """The id of the node's sidecar (what clients on that node set as `CORNSERVE_SIDECAR_ID`)."""
+
+    @abstractmethod
     async def ensure_sidecar(self, node: str) -> None:
         """Make sure the node's sidecar runs (start or restart it); return once it serves."""
 
@@ -103,7 +107,10 @@ class LocalProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,  # a Ctrl-C in the terminal that started the stack does not reach it
+            # its own process group: a Ctrl-C in the terminal does not reach it, and killpg ends its
+            # children. Not its own session: with the kernel's autogroup scheduling a session is
+            # its own CPU-share group, and executors should compete like the stack's other processes.
+            process_group=0,
         )
         threading.Thread(target=self._follow, args=(ready_marker,), daemon=True, name=f"log-{log_path.stem}").start()
         threading.Thread(target=self._reap, daemon=True, name=f"reap-{log_path.stem}").start()
@@ -187,7 +194,7 @@ class LocalBackend(ExecutorBackend):
         self.sidecar_memory_cap = sidecar_memory_cap
         self.node_name = node_name
         # unique per control plane: several stacks may share one Redis (tests, a second checkout)
-        self.sidecar_id = f"{node_name}-{uuid.uuid4().hex[:8]}"
+        self._sidecar_id = f"{node_name}-{uuid.uuid4().hex[:8]}"
         self._sidecar: LocalProcess | None = None
         self._sidecar_lock: asyncio.Lock | None = None
 
@@ -195,8 +202,11 @@ class LocalBackend(ExecutorBackend):
         groups = {GROUP_CPU} | ({GROUP_GPU} if self.capacity.gpu > 0 else set())
         return [Node(self.node_name, self.capacity, frozenset(groups))]
 
+    def sidecar_id(self, node: str) -> str:
+        return self._sidecar_id
+
     def _env(self) -> dict[str, str]:
-        env = {**os.environ, ENV_URL: self.redis_url, ENV_SIDECAR_ID: self.sidecar_id}
+        env = {**os.environ, ENV_URL: self.redis_url, ENV_SIDECAR_ID: self._sidecar_id}
         if self.namespace:
             env[ENV_NAMESPACE] = self.namespace
         return env
@@ -207,10 +217,10 @@ class LocalBackend(ExecutorBackend):
             if self._sidecar is not None and self._sidecar.alive():
                 return
             self._sidecar = LocalProcess(
-                [*CLI, "sidecar", "--id", self.sidecar_id, "--memory-cap", self.sidecar_memory_cap],
-                self._env(), self.logs / f"sidecar-{self.sidecar_id}.log", "sidecar ready",
+                [*CLI, "sidecar", "--id", self._sidecar_id, "--memory-cap", self.sidecar_memory_cap],
+                self._env(), self.logs / f"sidecar-{self._sidecar_id}.log", "sidecar ready",
             )
-            await self._sidecar.ready(f"sidecar {self.sidecar_id}")
+            await self._sidecar.ready(f"sidecar {self._sidecar_id}")
 
     async def start_executor(self, spec: ExecutorSpec) -> ExecutorHandle:
         command = [*CLI, "executor", "--task", spec.task_json, "--executor-id", spec.executor_id]

@@ -219,18 +219,13 @@ def deploy(target: str, replicas: int) -> None:
 
 async def _deploy_all(url: str, tasks: list[UnitTask], replicas: int) -> list[Any]:
     from . import control
-
-    client = _client(url)
-    return await asyncio.gather(
-        *(_deploy_one(client, control, task, replicas) for task in tasks), return_exceptions=True
-    )
-
-
-async def _deploy_one(client, control, task: UnitTask, replicas: int) -> str:
     from .dispatcher import DEPLOY_TIMEOUT_S
 
-    reply = await control.request(client, "deploy", DEPLOY_TIMEOUT_S, task=task.to_json(), replicas=replicas)
-    return reply["deployment"]
+    client = _client(url)
+    requests = [control.request(client, "deploy", DEPLOY_TIMEOUT_S, task=task.to_json(), replicas=replicas)
+                for task in tasks]
+    replies = await asyncio.gather(*requests, return_exceptions=True)
+    return [reply if isinstance(reply, Exception) else reply["deployment"] for reply in replies]
 
 
 @click.command("undeploy")
@@ -281,16 +276,17 @@ def load_task(target: str) -> Task:
 
 
 def unit_tasks_in(task: Task) -> list[UnitTask]:
-    """The unit tasks a task is made of: itself, or the unit tasks among a composite's fields."""
+    """The unit tasks a task is made of: itself, or those among a composite's fields, one per deployment."""
     if isinstance(task, UnitTask):
         return [task]
-    found: list[UnitTask] = []
+    found: dict[str, UnitTask] = {}
     for name in type(task).model_fields:
         value = getattr(task, name)
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, Task):
-                found += [t for t in unit_tasks_in(item) if t.deployment_id() not in {f.deployment_id() for f in found}]
-    return found
+                for unit in unit_tasks_in(item):
+                    found.setdefault(unit.deployment_id(), unit)
+    return list(found.values())
 
 
 def _client(url: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -99,10 +100,11 @@ async def control_plane_info(client: aioredis.Redis) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-async def request(client: aioredis.Redis, op: str, timeout_s: float, progress=None, **args: Any) -> dict[str, Any]:
+async def request(client: aioredis.Redis, op: str, timeout_s: float,
+                  progress: Callable[[float], Awaitable[None]] | None = None, **args: Any) -> dict[str, Any]:
     """Send `op` to the control plane and wait up to `timeout_s` for its reply.
 
-    `progress(seconds_waited)`, if given, is called between blocking reads (each <= MAX_BLOCK_S) so
+    `progress(seconds_waited)`, if given, is awaited between blocking reads (each <= MAX_BLOCK_S) so
     a caller can show what the wait is for. Raises `ControlPlaneError` with the refusal's message.
     """
     if await control_plane_info(client) is None:
@@ -121,7 +123,7 @@ async def request(client: aioredis.Redis, op: str, timeout_s: float, progress=No
                 raise ControlPlaneError(answer.get("error", "the control plane refused the request"))
             return answer
         if progress is not None:
-            progress(time.monotonic() - started)
+            await progress(time.monotonic() - started)
         if await control_plane_info(client) is None:
             raise ControlPlaneError("the cornserve control plane went away before it answered")
     raise ControlPlaneError(f"the control plane did not answer {op!r} within {timeout_s:g} s")

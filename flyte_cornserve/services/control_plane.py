@@ -38,7 +38,8 @@ class ControlPlane:
         self._stopping = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
-                     "idle_ttl_s": idle_ttl_s, "nodes": self.resources.usage()}
+                     "idle_ttl_s": idle_ttl_s, "nodes": self.resources.usage(),
+                     "sidecars": {node: backend.sidecar_id(node) for node in self.resources.nodes}}
 
     def request_stop(self) -> None:
         self._stopping.set()

@@ -84,21 +84,15 @@ class Dispatcher:
             return deployment_id
         label = describe(task)
 
-        async def report(waited: float) -> None:
+        async def report(waited: float) -> None:  # between blocking reads of the reply
             current = await load_deployment(self.redis, deployment_id)
             what = current.message if current is not None and current.message else "starting"
             progress(f"deploying {label}: {what} ({waited:.0f} s)")
 
-        pending: set[asyncio.Task] = set()
-
-        def on_wait(waited: float) -> None:  # called between blocking reads of the reply
-            if progress is not None:
-                pending.add(asyncio.ensure_future(report(waited)))
-
         if progress is not None:
             progress(f"deploying {label}")
-        await control.request(self.redis, "deploy", DEPLOY_TIMEOUT_S, progress=on_wait, task=task.to_json(), wait=wait)
-        await asyncio.gather(*pending, return_exceptions=True)
+        await control.request(self.redis, "deploy", DEPLOY_TIMEOUT_S, progress=report if progress else None,
+                              task=task.to_json(), wait=wait)
         return deployment_id
 
     async def submit(self, task: UnitTask, request: TaskIO | Mapping[str, Any], attempts: int = 1,

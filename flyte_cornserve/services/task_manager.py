@@ -194,9 +194,7 @@ class TaskManager:
         """Free the resources, drop the record, and fail what is still queued (nobody will run it)."""
         managed.stopping = True
         record = managed.record
-        for executor_id in record.executors:
-            self.resources.release(executor_id)
-        for executor_id in list(managed.executors):
+        for executor_id in {*record.executors, *managed.executors}:
             self.resources.release(executor_id)
         if self.deployments.get(record.id) is managed:
             del self.deployments[record.id]
