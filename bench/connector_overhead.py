@@ -39,13 +39,13 @@ def main(runs: int) -> None:
 
 
 def measure(stack: PrivateStack, runs: int) -> None:
-    import redis.asyncio as aioredis
     from flytekit import workflow
     from flytekit.extend.backend.base_connector import AsyncConnectorExecutorMixin
 
     from cornserve_builtins.encoder import EncoderTask
     from cornserve_builtins.llm import LLMTask
     from flyte_cornserve.flyte import CornserveTask, flyte_task
+    from flyte_cornserve.redis_server import connect_async
     from flyte_cornserve.services.invocations import InvocationStore, State
 
     encoder, llm = EncoderTask(model_id="tiny-llava"), LLMTask(model_id="tiny-llava")
@@ -65,7 +65,7 @@ def measure(stack: PrivateStack, runs: int) -> None:
         return stock_llm(prompt="Describe the image.", embeddings=[stock_encoder(data=image)])
 
     async def last_two() -> list:
-        return await InvocationStore(aioredis.Redis.from_url(stack.url)).recent(2)
+        return await InvocationStore(connect_async(stack.url)).recent(2)
 
     print("deploying the encoder and the LLM (tiny Llava) ...", flush=True)
     stack.deploy(encoder, llm)

@@ -26,7 +26,6 @@ import sys
 import time
 
 import httpx
-import redis.asyncio as aioredis
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -69,7 +68,7 @@ async def closed_loop(concurrency: int, count: int, one) -> tuple[float, list[fl
 async def through_sidecar(tensors: list[torch.Tensor], concurrency: int) -> tuple[float, list[float]]:
     task = LLMTask(model_id="tiny-llava")
     descriptor = descriptor_for(task)
-    store = InvocationStore(aioredis.Redis.from_url(redis_server.redis_url()))
+    store = InvocationStore(redis_server.connect_async())
     sidecar = SidecarClient()
     refs = [sidecar.put(t) for t in tensors]
 

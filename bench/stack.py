@@ -12,7 +12,6 @@ import os
 import subprocess
 import threading
 
-import redis.asyncio as aioredis
 
 from flyte_cornserve import redis_server
 from flyte_cornserve.services.backend import CLI
@@ -43,7 +42,7 @@ class PrivateStack:
         else:
             raise RuntimeError(f"the control plane exited with {self.process.wait()}:\n{''.join(tail)}")
         threading.Thread(target=lambda: [None for _ in self.process.stdout], daemon=True).start()
-        info = asyncio.run(control_plane_info(aioredis.Redis.from_url(self.url)))
+        info = asyncio.run(control_plane_info(redis_server.connect_async(self.url)))
         os.environ[ENV_SIDECAR_ID] = next(iter(info["sidecars"].values()))
         return self
 
@@ -51,7 +50,7 @@ class PrivateStack:
         """Deploy the tasks (in parallel) and return once their executors serve."""
 
         async def deploy_all() -> None:
-            dispatcher = Dispatcher(aioredis.Redis.from_url(self.url))
+            dispatcher = Dispatcher(redis_server.connect_async(self.url))
             await asyncio.gather(*(dispatcher.deploy(task) for task in tasks))
 
         asyncio.run(deploy_all())

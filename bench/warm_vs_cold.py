@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 
-import redis.asyncio as aioredis
 from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -42,7 +41,7 @@ PYFLYTE = pathlib.Path(sys.executable).with_name("pyflyte")
 
 async def warm(image: str, count: int) -> tuple[float, float]:
     task = EncoderTask(model_id="tiny-llava")
-    store = InvocationStore(aioredis.Redis.from_url(redis_server.redis_url()))
+    store = InvocationStore(redis_server.connect_async())
     await store.wait(await store.submit(task.deployment_id(), {"data": image}), 60)  # warm-up
     started = time.perf_counter()
     for _ in range(count):

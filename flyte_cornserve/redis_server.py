@@ -19,10 +19,13 @@ import tempfile
 import threading
 
 import redis
+import redis.asyncio as aioredis
 
 from .home import ENV_HOME, cornserve_home
 
 ENV_URL = "CORNSERVE_REDIS_URL"
+#: connections one asyncio client opens at most; a command beyond them waits for one to be free
+ASYNC_POOL_SIZE = 64
 
 # redis-server logs "Ready to accept connections", or "... now ready to accept connections at <socket>".
 _READY = b"ready to accept connections"
@@ -153,3 +156,13 @@ def redis_url() -> str:
 def connect(url: str | None = None, **kwargs: object) -> redis.Redis:
     """A client for `url` (default: `redis_url()`); keyword arguments go to `redis.Redis.from_url`."""
     return redis.Redis.from_url(url or redis_url(), **kwargs)
+
+
+def connect_async(url: str | None = None, name: str | None = None) -> aioredis.Redis:
+    """An asyncio client for `url` (default: `redis_url()`) whose pool, when all its connections are
+    busy, makes a command wait for one: redis-py's default pool raises MaxConnectionsError instead,
+    which hundreds of concurrent invocations of one process reach. `name` names its connections
+    (`CLIENT LIST`)."""
+    pool = aioredis.BlockingConnectionPool.from_url(url or redis_url(), max_connections=ASYNC_POOL_SIZE, timeout=None,
+                                                    client_name=name)
+    return aioredis.Redis(connection_pool=pool)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from flyte_cornserve.redis_server import ENV_URL
 
+from .media_servers import S3Server, serve_s3
 from .stack import Stack
 
 PROJECT = pathlib.Path(__file__).resolve().parents[1]
@@ -50,10 +51,18 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The shared stack: room for several executors (this is accounting, not a limit of the machine)."""
+def s3() -> Iterator[S3Server]:
+    """An S3 API server (moto) for the session; the shared stack's executors read from it."""
+    with serve_s3() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The shared stack: room for several executors (this is accounting, not a limit of the machine),
+    10,000 batch items in flight, and executors whose credentials reach the session's S3 server."""
     started = Stack(redis_url, tmp_path_factory.mktemp("stack") / "control-plane.log",
-                    "--cpu", "8", "--memory", "32Gi", "--gpu", "0")
+                    "--cpu", "8", "--memory", "32Gi", "--gpu", "0", "--batch-in-flight", "10000", env=s3.env)
     yield started
     started.stop()
 

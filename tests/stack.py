@@ -14,13 +14,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
-import pytest
 import redis
 import redis.asyncio as aioredis
 
-from flyte_cornserve.redis_server import ENV_URL
+from flyte_cornserve.redis_server import ENV_URL, connect_async
 from flyte_cornserve.services.backend import CLI
 from flyte_cornserve.services.control import DEPLOYMENT_EVENTS_KEY
 
@@ -30,12 +28,17 @@ _databases = itertools.count(1)
 class Stack:
     """A control plane process with its executors; `stop()` ends it all (SIGTERM, graceful)."""
 
-    def __init__(self, redis_url: str, log: pathlib.Path, *up_args: str) -> None:
+    def __init__(self, redis_url: str, log: pathlib.Path, *up_args: str, env: dict[str, str] | None = None) -> None:
         self.url = f"{redis_url}{'&' if '?' in redis_url else '?'}db={next(_databases)}"
         redis.Redis.from_url(self.url).flushdb()
         self.log = log
+        self.up_args = up_args
+        self.env = {**os.environ, **(env or {}), ENV_URL: self.url}
+        self._start()
+
+    def _start(self) -> None:
         self.process = subprocess.Popen(
-            [*CLI, "up", "--foreground", *up_args], env={**os.environ, ENV_URL: self.url},
+            [*CLI, "up", "--foreground", *self.up_args], env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
@@ -47,15 +50,20 @@ class Stack:
             raise AssertionError(f"the control plane exited with {self.process.wait()}:\n{''.join(self.tail)}")
         threading.Thread(target=self._drain, daemon=True).start()
 
+    def restart(self) -> None:
+        """Stop the control plane (gracefully: its executors stop too) and start a new one on the same Redis."""
+        self.stop()
+        self._start()
+
     def _drain(self) -> None:
-        with open(self.log, "w") as out:
+        with open(self.log, "a") as out:
             out.writelines(self.tail)
             for line in self.process.stdout:
                 out.write(line)
                 out.flush()
 
     def client(self) -> aioredis.Redis:
-        return aioredis.Redis.from_url(self.url)
+        return connect_async(self.url)
 
     def sync_client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)

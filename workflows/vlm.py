@@ -16,7 +16,7 @@ captioner = MLLMTask(model_id="tiny-llava")
 
 @workflow
 def caption(image: str, prompt: str = "Describe the image.") -> str:
-    """Caption one image (a file path, http(s) URL or data: URL)."""
+    """Caption one image: a path on this machine, or a file://, http(s)://, s3://, gs:// or data: URL."""
     return call(captioner, prompt=prompt, images=[image]).text
 
 

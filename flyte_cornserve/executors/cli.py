@@ -35,9 +35,7 @@ def make_handler(descriptor: TaskExecutionDescriptor, store) -> Handler:
 @click.option("--metrics-port", type=int, default=None, help="serve /metrics and /healthz on 127.0.0.1:PORT")
 def executor(task_json: str, executor_id: str | None, metrics_port: int | None) -> None:
     """Serve one deployment: load the model once, then take invocations from its queue until SIGTERM."""
-    import redis.asyncio as aioredis
-
-    from flyte_cornserve.redis_server import redis_url
+    from flyte_cornserve.redis_server import connect_async, redis_url
     from flyte_cornserve.sidecar.client import SidecarClient
 
     from .runtime import ExecutorRuntime, install_signal_handlers
@@ -48,7 +46,7 @@ def executor(task_json: str, executor_id: str | None, metrics_port: int | None) 
 
     async def serve() -> None:
         runtime = ExecutorRuntime(
-            aioredis.Redis.from_url(redis_url()), task.deployment_id(), make_handler(descriptor, SidecarClient()),
+            connect_async(redis_url()), task.deployment_id(), make_handler(descriptor, SidecarClient()),
             executor_id=executor_id, metrics_port=metrics_port,
         )
         install_signal_handlers(runtime)

@@ -1,15 +1,14 @@
 """The encoder executor: a vision encoder (Llava-style tower + projector, or any HF vision model)
 or a text encoder (mean-pooled sentence embeddings), batched, writing embeddings to the sidecar.
 
-Embeddings never go back through Redis: each is `put` into the node's sidecar and only its
-`TensorRef` is the invocation's output.
+Images are fetched here, from wherever the reference points (`media`): image bytes never travel
+through Redis. Embeddings never go back through Redis either: each is `put` into the node's sidecar
+and only its `TensorRef` is the invocation's output.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import io
 import pathlib
 from typing import Any, Protocol
@@ -18,10 +17,11 @@ from pydantic import ValidationError
 
 from flyte_cornserve.descriptors import TaskExecutionDescriptor
 from flyte_cornserve.models import resolve_model
-from flyte_cornserve.services.invocations import Invocation, Outcome
+from flyte_cornserve.services.invocations import ErrorKind, Invocation, Outcome
 from flyte_cornserve.task import TensorRef
 
 from .handler import Handler
+from .media import MediaError, read_bytes
 
 
 class TensorStore(Protocol):
@@ -31,35 +31,33 @@ class TensorStore(Protocol):
 
 
 class BadItem(ValueError):
-    """This item cannot be encoded (undecodable image, ...): that invocation's user error."""
+    """This item cannot be encoded (missing or undecodable image, ...): that invocation's error."""
+
+    def __init__(self, message: str, recoverable: bool = False) -> None:
+        super().__init__(message)
+        self.kind = ErrorKind.RECOVERABLE if recoverable else ErrorKind.USER
 
 
-def decode_image(data: str):
-    """A PIL image from a `data:` URL or a file path."""
+def decode_image(reference: str):
+    """A PIL image from a reference `media.read_bytes` reads (a path, a URL, a data: URL)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        if data.startswith("data:"):
-            header, _, payload = data.partition(",")
-            if ";base64" not in header:
-                raise BadItem("a data: URL image must be base64-encoded")
-            raw = base64.b64decode(payload, validate=True)
-        else:
-            path = pathlib.Path(data)
-            if not path.is_file():
-                raise BadItem(f"{data[:200]!r} is neither a data: URL nor an existing file")
-            raw = path.read_bytes()
+        raw = read_bytes(reference)
+    except MediaError as exc:
+        raise BadItem(str(exc), exc.recoverable) from None
+    try:
         image = Image.open(io.BytesIO(raw))
         image.load()
         return image.convert("RGB")
-    except (UnidentifiedImageError, binascii.Error, OSError) as exc:
-        raise BadItem(f"undecodable image: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise BadItem(f"undecodable image {reference[:200]!r}: {exc}") from None
 
 
 class EncoderHandler(Handler):
-    max_batch_size = 16
+    max_batch_size = 64
     max_wait_s = 0.002
-    max_in_flight = 16
+    max_in_flight = 64
 
     def __init__(self, descriptor: TaskExecutionDescriptor, store: TensorStore) -> None:
         args = descriptor.executor_args()
@@ -86,6 +84,9 @@ class EncoderHandler(Handler):
         return _plain_vision_encoder(path)
 
     async def handle(self, batch: list[Invocation]) -> list[Outcome]:
+        return await asyncio.to_thread(self._handle, batch)  # fetching, decoding, encoding: off the loop
+
+    def _handle(self, batch: list[Invocation]) -> list[Outcome]:
         items: dict[int, Any] = {}
         outcomes: list[Outcome | None] = [None] * len(batch)
         for i, invocation in enumerate(batch):
@@ -95,15 +96,12 @@ class EncoderHandler(Handler):
             except ValidationError as exc:
                 outcomes[i] = Outcome.failed(f"invalid input: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
             except BadItem as exc:
-                outcomes[i] = Outcome.failed(str(exc))
+                outcomes[i] = Outcome.failed(str(exc), exc.kind)
         if items:
-            refs = await asyncio.to_thread(self._encode_and_put, list(items.values()))
+            refs = [self.store.put(tensor.contiguous()) for tensor in self._encode(list(items.values()))]
             for i, ref in zip(items, refs, strict=True):
                 outcomes[i] = Outcome(output={"embeddings": ref.model_dump(mode="json")})
         return outcomes  # type: ignore[return-value]
-
-    def _encode_and_put(self, items: list) -> list[TensorRef]:
-        return [self.store.put(tensor.contiguous()) for tensor in self._encode(items)]
 
 
 def _llava_vision_encoder(path: pathlib.Path):

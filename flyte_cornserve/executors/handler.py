@@ -12,7 +12,9 @@ class Handler(ABC):
 
     `max_batch_size` and `max_wait_s` shape the batches the runtime hands over; `max_in_flight`
     bounds how many invocations are being handled at once (>1 lets an engine with its own
-    continuous batching, like vLLM, take new work while earlier invocations still run).
+    continuous batching, like vLLM, take new work while earlier invocations still run). Both count
+    items: each item of a batch invocation reaches `handle()` as an invocation of its own, with
+    the priority of the queue it came from.
     """
 
     max_batch_size: int = 1

@@ -1,10 +1,11 @@
 """The executor runtime: the loop shared by every executor.
 
-It reads its deployment's queue as one consumer of the group, batches (up to `max_batch_size`,
-waiting at most `max_wait_s` for a batch to fill), keeps up to `max_in_flight` invocations running,
-stores each outcome before acknowledging it, heartbeats, takes over the entries of executors whose
-heartbeat is gone (running each at most `max_attempts` times in all), watches what it runs and aborts
-what someone else ended meanwhile (cancelled, timed out), drains on SIGTERM, and serves /metrics
+It reads its deployment's queues as one consumer of the group, the interactive queue before the
+batch queue, batches (up to `max_batch_size` items, waiting at most `max_wait_s` for a batch to
+fill), keeps up to `max_in_flight` items running (a batch invocation brings many), stores each
+outcome before acknowledging it, heartbeats, takes over the entries of executors whose heartbeat is
+gone (running each at most `max_attempts` times in all), watches what it runs and aborts what
+someone else ended meanwhile (cancelled, timed out), drains on SIGTERM, and serves /metrics
 (Prometheus) and /healthz.
 """
 
@@ -18,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis.asyncio as aioredis
@@ -32,6 +34,7 @@ from flyte_cornserve.services.invocations import (
     Invocation,
     InvocationStore,
     Outcome,
+    Priority,
     State,
     events_key,
     queue_key,
@@ -57,9 +60,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.queue_depth = Gauge("cornserve_queue_depth", "invocations queued, not yet delivered", registry=self.registry)
-        self.in_flight = Gauge("cornserve_in_flight", "invocations being handled", registry=self.registry)
-        self.batch_size = Histogram("cornserve_batch_size", "invocations per batch", registry=self.registry,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.in_flight = Gauge("cornserve_in_flight", "items being handled", registry=self.registry)
+        self.batch_size = Histogram("cornserve_batch_size", "items per batch", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         self.latency = Histogram("cornserve_invocation_seconds", "time from pick-up to stored outcome",
                                  registry=self.registry)
         self.outcomes = Counter("cornserve_invocations", "outcomes stored", ["state"], registry=self.registry)
@@ -81,7 +84,7 @@ class ExecutorRuntime:
         self.metrics_port = metrics_port
         self._stopping = asyncio.Event()
         self._closing = asyncio.Event()  # run() is ending: its background loops return
-        self._in_flight = 0  # invocations reserved by a read and not yet finished
+        self._in_flight = 0  # items reserved by a read and not yet finished
         self._capacity = asyncio.Condition()
         self._running: set[asyncio.Task] = set()
         self._healthy = False
@@ -91,6 +94,7 @@ class ExecutorRuntime:
         self._watched: dict[str, str] = {}
         self._ended: dict[str, State] = {}
         self._handling: set[str] = set()
+        self._items: dict[str, list[str]] = {}  # invocation id -> the ids its items are handled under
         self._watch_more = asyncio.Event()  # wakes an idle watcher (nothing watched)
         self._watch_reading = False  # the watcher's blocking read is (about to be) under way
         self._wake_last = "0-0"
@@ -127,21 +131,29 @@ class ExecutorRuntime:
                 server.shutdown()
 
     async def _consume(self) -> None:
-        queue = queue_key(self.deployment_id)
         backoff = 0.0
         while not self._stopping.is_set():
             free = await self._wait_for_capacity()
             try:
-                entries = await self._read_batch(queue, min(free, self.handler.max_batch_size))
+                entries = await self._read(free)
             except RedisError as exc:  # Redis restarting or unreachable: keep the model, retry
+                if "NOGROUP" in str(exc):  # Redis lost the queues (restarted without its data)
+                    await self._ensure_queues()
+                    continue
                 backoff = min(max(2 * backoff, 0.1), 5.0)
                 log.warning("reading the queue failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 continue
             backoff = 0.0
             if entries:
-                self._in_flight += len(entries)
+                self._in_flight += sum(entry.items for entry in entries)
                 self._spawn(entries)
+
+    async def _ensure_queues(self) -> None:
+        try:
+            await self.store.ensure_queue(self.deployment_id, again=True)
+        except RedisError as exc:
+            log.warning("re-creating the queues failed (%s)", exc)
 
     async def _wait_for_capacity(self) -> int:
         async with self._capacity:
@@ -153,74 +165,107 @@ class ExecutorRuntime:
             self._in_flight -= count
             self._capacity.notify_all()
 
-    async def _read_batch(self, queue: str, capacity: int) -> list[tuple[str, str]]:
-        """Block (up to READ_BLOCK_MS, then the loop looks at SIGTERM) for the first entry, then
-        gather more for at most `max_wait_s`."""
-        reply = await self.redis.xreadgroup(GROUP, self.executor_id, {queue: ">"}, count=capacity, block=READ_BLOCK_MS)
-        entries = _entries(reply)
+    async def _read(self, free: int) -> list[Entry]:
+        """Entries worth up to `free` items, interactive ones first: whatever is queued now, else
+        block (up to READ_BLOCK_MS, then the loop looks at SIGTERM) for the first, then gather more
+        for at most `max_wait_s`."""
+        want = min(free, self.handler.max_batch_size)
+        entries = await self._take(want)
         if not entries:
-            return entries  # nothing arrived: back to the loop, which looks at SIGTERM
+            entries = await self._take(1, block_ms=READ_BLOCK_MS)
+            if not entries:
+                return entries
         deadline = time.monotonic() + self.handler.max_wait_s
-        while len(entries) < capacity and (remaining := deadline - time.monotonic()) > 0:
-            more = _entries(await self.redis.xreadgroup(
-                GROUP, self.executor_id, {queue: ">"}, count=capacity - len(entries), block=max(1, int(remaining * 1000))
-            ))
+        while (room := want - sum(e.items for e in entries)) > 0:
+            more = await self._take(room)
             if not more:
-                break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                more = await self._take(1, block_ms=max(1, int(remaining * 1000)))
+                if not more:
+                    break
             entries += more
         return entries
 
-    def _spawn(self, entries: list[tuple[str, str]]) -> None:
+    async def _take(self, room: int, block_ms: int | None = None) -> list[Entry]:
+        """Entries from the interactive queue (up to `room` of them), then from the batch queue
+        while there is room (a batch entry may bring many items). With `block_ms`, wait that long
+        for the first entry of either queue."""
+        interactive, batch = queue_key(self.deployment_id), queue_key(self.deployment_id, Priority.BATCH)
+        if block_ms is not None:
+            reply = await self.redis.xreadgroup(GROUP, self.executor_id, {interactive: ">", batch: ">"},
+                                                count=1, block=block_ms)
+            return _entries(reply)
+        entries = _entries(await self.redis.xreadgroup(GROUP, self.executor_id, {interactive: ">"}, count=room))
+        room -= len(entries)
+        while room > 0:
+            more = _entries(await self.redis.xreadgroup(GROUP, self.executor_id, {batch: ">"}, count=1))
+            if not more:
+                break
+            entries += more
+            room -= more[0].items
+        return entries
+
+    def _spawn(self, entries: list[Entry]) -> None:
         task = asyncio.create_task(self._run_batch(entries))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, entries: list[tuple[str, str]]) -> None:
+    async def _run_batch(self, entries: list[Entry]) -> None:
         started = time.monotonic()
-        unreleased = len(entries)
+        unreleased = sum(entry.items for entry in entries)
         batch: list[Invocation] = []
         try:
-            for entry_id, invocation_id in entries:
-                invocation = await self.store.load(self.deployment_id, invocation_id, entry_id)
+            for entry in entries:
+                invocation = await self.store.load(self.deployment_id, entry.invocation_id, entry.id)
                 if invocation is None or not await self._admit(invocation):
-                    unreleased -= 1
-                    await self._release()
+                    unreleased -= entry.items
+                    await self._release(entry.items)
                     continue
                 batch.append(invocation)
             if not batch:
                 return
-            self.metrics.batch_size.observe(len(batch))
-            self.metrics.in_flight.inc(len(batch))
+            items = {invocation.id: invocation.item_invocations() for invocation in batch}
+            count = sum(len(parts) for parts in items.values())
+            self.metrics.batch_size.observe(count)
+            self.metrics.in_flight.inc(count)
             await self._start_watching(batch)
             live = [invocation for invocation in batch if invocation.id not in self._ended]  # ended meanwhile
-            ids = {invocation.id for invocation in live}
+            work = [item for invocation in live for item in items[invocation.id]]
+            ids = {item.id for item in work}
             outcomes: list[Outcome] = []
-            if live:
+            if work:
+                for invocation in live:
+                    self._items[invocation.id] = [item.id for item in items[invocation.id]]
                 self._handling |= ids  # the watcher runs only once handle() awaits: it has them by then
                 try:
-                    outcomes = await self.handler.handle(live)
+                    outcomes = await self._handle(work)
                 except Exception as exc:  # a handler bug must not take the executor down
-                    log.exception("handler failed on a batch of %d", len(live))
-                    outcomes = [Outcome.failed(f"executor error: {type(exc).__name__}: {exc}", ErrorKind.RECOVERABLE)] * len(live)
+                    log.exception("handler failed on a batch of %d", len(work))
+                    outcomes = [Outcome.failed(f"executor error: {type(exc).__name__}: {exc}", ErrorKind.RECOVERABLE)] * len(work)
                 finally:
                     self._handling -= ids
+                    for invocation in live:
+                        self._items.pop(invocation.id, None)
             for invocation in batch:  # stop watching before any outcome of ours is written
                 self._watched.pop(invocation.id, None)
-            by_id = dict(zip((invocation.id for invocation in live), outcomes, strict=True))
+            by_item = dict(zip((item.id for item in work), outcomes, strict=True))
             for invocation in batch:
+                parts = items[invocation.id]
                 ended = self._ended.pop(invocation.id, None)
                 if ended is not None:  # someone else ended it (and it was aborted): nothing to store
                     await self.store.acknowledge(invocation)
                 else:
-                    outcome = by_id[invocation.id]
+                    outcome = invocation.combine([by_item[item.id] for item in parts])
                     if await self.store.finish(invocation, outcome):
                         self.metrics.outcomes.labels(outcome.state.value).inc()
                         self.metrics.latency.observe(time.monotonic() - started)
                     else:
                         log.info("invocation %s ended elsewhere as it finished here; its outcome is dropped", invocation.id)
-                self.metrics.in_flight.dec()
-                unreleased -= 1
-                await self._release()
+                self.metrics.in_flight.dec(len(parts))
+                unreleased -= len(parts)
+                await self._release(len(parts))
         except Exception:
             log.exception("batch bookkeeping failed; its entries stay pending for a reclaim")
         finally:
@@ -229,6 +274,14 @@ class ExecutorRuntime:
                 self._ended.pop(invocation.id, None)
             if unreleased:
                 await self._release(unreleased)
+
+    async def _handle(self, work: list[Invocation]) -> list[Outcome]:
+        """The handler's outcomes for `work`, handed over `max_batch_size` items at a time."""
+        size = max(1, self.handler.max_batch_size)
+        outcomes: list[Outcome] = []
+        for start in range(0, len(work), size):
+            outcomes += await self.handler.handle(work[start:start + size])
+        return outcomes
 
     async def _admit(self, invocation: Invocation) -> bool:
         """Mark it RUNNING here, unless it was cancelled, already finished, is past its deadline, or
@@ -324,8 +377,7 @@ class ExecutorRuntime:
             self._ended[invocation_id] = state
             self.metrics.aborted.labels(state.value).inc()
             log.warning("invocation %s ended elsewhere (%s) while running here: aborting it", invocation_id, state.value)
-            if invocation_id in self._handling:
-                running.append(invocation_id)
+            running += [item for item in self._items.get(invocation_id, ()) if item in self._handling]
         if running:
             try:
                 await self.handler.abort(running)
@@ -364,22 +416,22 @@ class ExecutorRuntime:
 
     async def _reclaim_once(self) -> None:
         """Take over entries held by consumers whose heartbeat expired (they died mid-invocation)."""
-        queue = queue_key(self.deployment_id)
-        for consumer in await self.redis.xinfo_consumers(queue, GROUP):
-            name = _text(consumer["name"])
-            if name == self.executor_id or await self.redis.exists(executor_key(name)):
-                continue
-            pending = await self.redis.xpending_range(queue, GROUP, "-", "+", 1000, consumername=name)
-            if pending:
-                ids = [p["message_id"] for p in pending]
-                claimed = await self.redis.xclaim(queue, GROUP, self.executor_id, 0, ids)
-                entries = [(_text(i), _text(f[b"id"])) for i, f in claimed if f]
-                log.warning("took over %d invocations of dead executor %s", len(entries), name)
-                for start in range(0, len(entries), self.handler.max_batch_size):
-                    chunk = entries[start:start + self.handler.max_batch_size]
-                    self._in_flight += len(chunk)
-                    self._spawn(chunk)
-            await self.redis.xgroup_delconsumer(queue, GROUP, name)
+        for priority in Priority:
+            queue = queue_key(self.deployment_id, priority)
+            for consumer in await self.redis.xinfo_consumers(queue, GROUP):
+                name = _text(consumer["name"])
+                if name == self.executor_id or await self.redis.exists(executor_key(name)):
+                    continue
+                pending = await self.redis.xpending_range(queue, GROUP, "-", "+", 1000, consumername=name)
+                if pending:
+                    ids = [p["message_id"] for p in pending]
+                    claimed = await self.redis.xclaim(queue, GROUP, self.executor_id, 0, ids)
+                    entries = [Entry(_text(i), _text(f[b"id"]), int(f.get(b"n", 1))) for i, f in claimed if f]
+                    log.warning("took over %d invocations of dead executor %s", len(entries), name)
+                    for entry in entries:
+                        self._in_flight += entry.items
+                        self._spawn([entry])
+                await self.redis.xgroup_delconsumer(queue, GROUP, name)
 
     def _serve_http(self) -> ThreadingHTTPServer:
         runtime = self
@@ -425,8 +477,18 @@ def _log_tasks() -> None:
         log.warning("task %s%s", task.get_name(), "".join(lines))
 
 
-def _entries(reply) -> list[tuple[str, str]]:
-    return [(_text(entry_id), _text(fields[b"id"])) for _, entries in (reply or []) for entry_id, fields in entries]
+@dataclass(frozen=True)
+class Entry:
+    """A queue entry: its id, the invocation it delivers, and how many items that brings."""
+
+    id: str
+    invocation_id: str
+    items: int = 1
+
+
+def _entries(reply) -> list[Entry]:
+    return [Entry(_text(entry_id), _text(fields[b"id"]), int(fields.get(b"n", 1)))
+            for _, entries in (reply or []) for entry_id, fields in entries]
 
 
 def _text(value: bytes | str) -> str:

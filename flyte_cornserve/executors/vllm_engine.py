@@ -1,11 +1,15 @@
 """The vLLM executor: one in-process vLLM engine serving many invocations at once.
 
 Each invocation becomes one engine request as soon as it arrives (the engine's continuous batching
-interleaves them); its request id is the invocation id. Image embeddings arrive as `TensorRef`s:
-their shape and dtype are checked against the model's config *before* the tensor is fetched from the
-sidecar or handed to the engine, because a wrong shape can take the engine down; a mismatch is that
-invocation's error. An invocation cancelled or timed out while it runs is aborted in the engine
-(`abort()`), which stops generating for it at once.
+interleaves them); its request id is the invocation id. Interactive invocations get a higher
+priority than batch items, so the engine schedules them first (and preempts batch work for them
+when it is full). Image embeddings arrive as `TensorRef`s: their shape and dtype are checked against
+the model's config *before* the tensor is fetched from the sidecar or handed to the engine, because
+a wrong shape can take the engine down; a mismatch is that invocation's error. An embedding is
+released once the invocation's outcome is final (its text, or a user error): after a recoverable
+failure it stays, so the retry reads it again (its TTL frees it if no retry comes). An invocation
+cancelled or timed out while it runs is aborted in the engine (`abort()`), which stops generating
+for it at once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pydantic import ValidationError
 from flyte_cornserve.descriptors import TaskExecutionDescriptor
 from flyte_cornserve.home import cornserve_home
 from flyte_cornserve.models import resolve_model
-from flyte_cornserve.services.invocations import ErrorKind, Invocation, Outcome
+from flyte_cornserve.services.invocations import ErrorKind, Invocation, Outcome, Priority
+from flyte_cornserve.sidecar.errors import SidecarError
 from flyte_cornserve.task import TensorRef
 
 from .handler import Handler
@@ -42,10 +47,15 @@ class BadEmbedding(ValueError):
     pass
 
 
+#: engine priority by invocation priority (lower is scheduled first)
+ENGINE_PRIORITY = {Priority.INTERACTIVE: 0, Priority.BATCH: 1}
+
+
 class VLLMHandler(Handler):
-    max_batch_size = 32
+    max_batch_size = 512
     max_wait_s = 0.0
-    max_in_flight = 64
+    max_in_flight = 512
+    max_num_seqs = 256  # sequences the engine steps at once (vLLM's default for offline use on CPU)
 
     def __init__(self, descriptor: TaskExecutionDescriptor, store: TensorSource) -> None:
         args = descriptor.executor_args()
@@ -78,7 +88,7 @@ class VLLMHandler(Handler):
         engine_args = AsyncEngineArgs(
             model=str(path), dtype="float32", enforce_eager=True, seed=0,
             max_model_len=min(self.max_model_len, text_config.max_position_embeddings),
-            disable_log_stats=True,
+            max_num_seqs=self.max_num_seqs, scheduling_policy="priority", disable_log_stats=True,
             **({"enable_mm_embeds": True, "limit_mm_per_prompt": {"image": 0}} if multimodal else {}),
         )
         self.engine = AsyncLLM.from_engine_args(engine_args)
@@ -124,6 +134,7 @@ class VLLMHandler(Handler):
         except (ValidationError, BadEmbedding, ValueError, TypeError, VLLMClientError) as exc:
             return Outcome.failed(f"invalid input: {exc}")
         fetched: list[TensorRef] = []
+        final = False  # the outcome is final (not to be retried): the embeddings may go
         try:
             tensors = []
             for ref in request.embeddings:
@@ -134,21 +145,26 @@ class VLLMHandler(Handler):
                 prompt["multi_modal_data"] = {"image": _stack(tensors, self.image_tokens, self.hidden_size)}
             if invocation.id in self._aborted:
                 return _aborted(0)
-            final = None
-            async with contextlib.aclosing(self.engine.generate(prompt, params, request_id=invocation.id)) as outputs:
-                async for final in outputs:
+            last = None
+            generation = self.engine.generate(prompt, params, request_id=invocation.id,
+                                              priority=ENGINE_PRIORITY[invocation.priority])
+            async with contextlib.aclosing(generation) as outputs:
+                async for last in outputs:
                     if invocation.id in self._aborted:  # closing the stream aborts the request
                         break
-            if invocation.id in self._aborted or final is None or final.outputs[0].finish_reason == "abort":
-                return _aborted(len(final.outputs[0].token_ids) if final is not None else 0)
-            return Outcome(output={"text": final.outputs[0].text})
+            if invocation.id in self._aborted or last is None or last.outputs[0].finish_reason == "abort":
+                return _aborted(len(last.outputs[0].token_ids) if last is not None else 0)
+            final = True
+            return Outcome(output={"text": last.outputs[0].text})
         except (ValueError, VLLMClientError) as exc:  # the request's own fault (prompt too long, ...)
+            final = True
             return Outcome.failed(str(exc))
-        except TimeoutError as exc:
+        except (TimeoutError, SidecarError) as exc:  # the embedding is not (yet, or any more) there
             return Outcome.failed(f"embedding not available: {exc}", ErrorKind.RECOVERABLE)
         finally:
-            for ref in fetched:
-                await asyncio.to_thread(self.store.release, ref)
+            if final:
+                for ref in fetched:
+                    await asyncio.to_thread(self.store.release, ref)
 
     def _check(self, ref: TensorRef) -> None:
         if not self.image_tokens:

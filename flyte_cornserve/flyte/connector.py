@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from flyteidl.core.execution_pb2 import TaskExecution
 from flytekit import FlyteContextManager
 from flytekit.core.type_engine import TypeEngine
@@ -29,6 +28,7 @@ from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskTemplate
 
 from flyte_cornserve.descriptors import descriptor_for
+from flyte_cornserve.redis_server import connect_async
 from flyte_cornserve.services.control import ControlPlaneError
 from flyte_cornserve.services.dispatcher import Dispatcher, InvocationFailed, Submission, failure_of
 from flyte_cornserve.services.invocations import TERMINAL, ErrorKind, State
@@ -118,7 +118,7 @@ _dispatchers: dict[tuple[asyncio.AbstractEventLoop, str], Dispatcher] = {}
 async def _dispatcher() -> Dispatcher:
     key = (asyncio.get_running_loop(), ensure_stack())
     if key not in _dispatchers:
-        _dispatchers[key] = Dispatcher(aioredis.Redis.from_url(key[1]))
+        _dispatchers[key] = Dispatcher(connect_async(key[1]))
     return _dispatchers[key]
 
 
@@ -170,3 +170,5 @@ async def _cancel(invocation_id: str) -> None:
 
 
 ConnectorRegistry.register(CornserveConnector(), override=True)
+
+from . import batch_connector  # noqa: E402,F401  (this module name registers both connectors)

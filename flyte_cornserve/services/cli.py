@@ -36,16 +36,23 @@ def _machine_gpus() -> int:
 @click.option("--gpu", type=click.IntRange(min=0), default=None, help="GPUs executors may reserve [default: this machine's]")
 @click.option("--idle-ttl", type=click.FloatRange(min=0.1), default=1800.0, show_default=True,
               help="seconds a deployment may stay idle before its executors are stopped")
+@click.option("--batch-in-flight", type=click.IntRange(min=1), default=None,
+              help="items of batches in flight at once, across batches: bounds the stack's memory [default: 1024]")
 @click.option("--foreground", is_flag=True, help="run the control plane in this process (e.g. in a container)")
 @click.option("--announce", is_flag=True, hidden=True, help="print the ready line, then log to the stack's log file")
-def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, foreground: bool, announce: bool) -> None:
+def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, batch_in_flight: int | None,
+       foreground: bool, announce: bool) -> None:
     """Start the stack: Redis (embedded unless CORNSERVE_REDIS_URL is set) and the control plane."""
     from flyte_cornserve.task import Resources
 
+    from .batch_runner import DEFAULT_MAX_IN_FLIGHT
+
     memory = memory or _machine_memory()
     Resources(memory=memory)  # validates the quantity
+    batch_in_flight = batch_in_flight or DEFAULT_MAX_IN_FLIGHT
     capacity_args = ["--cpu", str(cpu or os.cpu_count() or 1), "--memory", memory,
-                     "--gpu", str(_machine_gpus() if gpu is None else gpu), "--idle-ttl", str(idle_ttl)]
+                     "--gpu", str(_machine_gpus() if gpu is None else gpu), "--idle-ttl", str(idle_ttl),
+                     "--batch-in-flight", str(batch_in_flight)]
     if not foreground:
         from flyte_cornserve.redis_server import ENV_URL
 
@@ -62,14 +69,12 @@ def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, 
         click.echo(f"the stack is up: redis {url}; logs in {stack_dir() / 'logs'}")
         return
     _serve(cpu or os.cpu_count() or 1, Resources(memory=memory).memory_bytes,
-           _machine_gpus() if gpu is None else gpu, idle_ttl, announce)
+           _machine_gpus() if gpu is None else gpu, idle_ttl, batch_in_flight, announce)
 
 
-def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, announce: bool) -> None:
-    import redis.asyncio as aioredis
-
+def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_flight: int, announce: bool) -> None:
     from flyte_cornserve.home import use_project_tmp
-    from flyte_cornserve.redis_server import ENV_URL, redis_url
+    from flyte_cornserve.redis_server import ENV_URL, connect_async, redis_url
 
     from .backend import LocalBackend
     from .control_plane import ControlPlane
@@ -85,7 +90,7 @@ def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, announce: b
     backend = LocalBackend(url, logs, Capacity(cpu, memory_bytes, gpu))
 
     async def main() -> None:
-        plane = ControlPlane(aioredis.Redis.from_url(url), backend, idle_ttl_s=idle_ttl)
+        plane = ControlPlane(connect_async(url), backend, idle_ttl_s=idle_ttl, batch_in_flight=batch_in_flight)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, plane.request_stop)
@@ -139,20 +144,23 @@ def down(timeout: float) -> None:
 @click.command("status")
 @click.option("--invocations", "limit", type=click.IntRange(min=0), default=10, show_default=True,
               help="how many recent invocations to list")
-def status(limit: int) -> None:
-    """Show the control plane, deployments, executors, queue depths and recent invocations."""
+@click.option("--batches", "batch_limit", type=click.IntRange(min=0), default=10, show_default=True,
+              help="how many recent batches to list (running ones first)")
+def status(limit: int, batch_limit: int) -> None:
+    """Show the control plane, deployments, executors, queue depths, batches and recent invocations."""
     from rich.console import Console
 
     url = current_url()
     if url is None:
         click.echo("no stack is running (`cornserve up` starts one; so does the first `pyflyte run`)")
         return
-    Console().print(*asyncio.run(_status_tables(url, limit)))
+    Console().print(*asyncio.run(_status_tables(url, limit, batch_limit)))
 
 
-async def _status_tables(url: str, limit: int) -> list[Any]:
+async def _status_tables(url: str, limit: int, batch_limit: int = 10) -> list[Any]:
     from rich.table import Table
 
+    from .batches import FINISHED, BatchStore
     from .control import control_plane_info, list_deployments
     from .invocations import InvocationStore
 
@@ -180,7 +188,7 @@ async def _status_tables(url: str, limit: int) -> list[Any]:
     for column in ("executor", "deployment", "pid", "host", "alive"):
         executors.add_column(column)
     for deployment in deployments:
-        backlog = await client.xlen(f"cornserve:queue:{deployment.id}")
+        backlog = await store.backlog(deployment.id)
         table.add_row(deployment.id, deployment.label, deployment.state.value, str(len(deployment.executors)),
                       str(deployment.restarts), str(backlog), _ago(now - deployment.last_used), deployment.message[:80])
         for executor_id in deployment.executors:
@@ -189,6 +197,19 @@ async def _status_tables(url: str, limit: int) -> list[Any]:
             executors.add_row(executor_id, deployment.id, str(beat.get("pid", "-")), beat.get("host", "-"),
                               "yes" if raw else "no (starting or gone)")
     tables += [table, executors]
+
+    batches = Table(title=f"batches (last {batch_limit}, running first)")
+    for column in ("batch", "task", "state", "done", "failed", "cancelled", "total", "items/s", "ETA", "message"):
+        batches.add_column(column)
+    recent_batches = await BatchStore(client).recent(batch_limit) if batch_limit else []
+    for batch in sorted(recent_batches, key=lambda b: b.state in FINISHED):
+        elapsed = (batch.finished_at or now) - (batch.started_at or now)
+        rate = batch.ended / elapsed if elapsed > 0 else 0.0
+        left = batch.total - batch.ended
+        eta = "" if batch.state in FINISHED or rate <= 0 else _ago(left / rate)
+        batches.add_row(batch.id[:12], batch.spec.label, batch.state.value, str(batch.done), str(batch.failed),
+                        str(batch.cancelled), str(batch.total), f"{rate:.1f}", eta, batch.message[:60])
+    tables.append(batches)
 
     recent = Table(title=f"recent invocations (last {limit})")
     for column in ("invocation", "task", "state", "attempt", "executor", "submitted", "took", "error"):
@@ -290,9 +311,9 @@ def unit_tasks_in(task: Task) -> list[UnitTask]:
 
 
 def _client(url: str):
-    import redis.asyncio as aioredis
+    from flyte_cornserve.redis_server import connect_async
 
-    return aioredis.Redis.from_url(url)
+    return connect_async(url)
 
 
 def _ago(seconds: float) -> str:

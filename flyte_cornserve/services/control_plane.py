@@ -1,4 +1,5 @@
-"""The control plane: answers deploy / undeploy requests and runs the task manager's periodic look.
+"""The control plane: answers deploy / undeploy requests, runs the task manager's periodic look and
+the batch runner.
 
 One control plane serves one Redis (it holds `cornserve:control-plane` with a short TTL while it
 lives; a second one refuses to start). It runs in the embedded stack's daemon (`cornserve up`) or,
@@ -17,6 +18,7 @@ import time
 import redis.asyncio as aioredis
 
 from .backend import ExecutorBackend
+from .batch_runner import DEFAULT_MAX_IN_FLIGHT, BatchRunner
 from .control import CONTROL_PLANE_KEY, REPLY_TTL_S, REQUESTS_KEY, reply_key
 from .invocations import MAX_BLOCK_S
 from .resources import ResourceManager
@@ -29,16 +31,18 @@ RECONCILE_S = 1.0
 
 
 class ControlPlane:
-    def __init__(self, client: aioredis.Redis, backend: ExecutorBackend, idle_ttl_s: float = 1800.0) -> None:
+    def __init__(self, client: aioredis.Redis, backend: ExecutorBackend, idle_ttl_s: float = 1800.0,
+                 batch_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         self.redis = client
         self.backend = backend
         self.resources = ResourceManager(backend.nodes())
         self.tasks = TaskManager(client, backend, self.resources, idle_ttl_s)
         self.tasks.on_change = self._publish
+        self.batches = BatchRunner(client, self.tasks, max_in_flight=batch_in_flight)
         self._stopping = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
-                     "idle_ttl_s": idle_ttl_s, "nodes": self.resources.usage(),
+                     "idle_ttl_s": idle_ttl_s, "batch_in_flight": batch_in_flight, "nodes": self.resources.usage(),
                      "sidecars": {node: backend.sidecar_id(node) for node in self.resources.nodes}}
 
     def request_stop(self) -> None:
@@ -49,13 +53,15 @@ class ControlPlane:
         if not await self.redis.set(CONTROL_PLANE_KEY, json.dumps(self.info), nx=True, px=int(HEARTBEAT_S * 3000)):
             other = await self.redis.get(CONTROL_PLANE_KEY)
             raise RuntimeError(f"another cornserve control plane already serves this Redis: {other!r}")
-        background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reconcile())]
+        background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reconcile()),
+                      asyncio.create_task(self.batches.run(), name="batch runner")]
         log.info("control plane ready (pid %d, nodes %s)", os.getpid(), self.resources.usage())
         if on_ready is not None:
             on_ready()
         try:
             await self._serve()
         finally:
+            self.batches.request_stop()  # its state is in Redis: a later control plane resumes its batches
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

@@ -4,13 +4,16 @@ It routes an invocation to a deployment (the least-loaded deployed one among the
 candidates), has the control plane deploy it on first use, enqueues it with its deadline, and
 waits on Redis for the outcome. `run()` adds what FlytePropeller does on a cluster and flytekit's
 local mode does not: the timeout is enforced (the executor aborts the invocation), recoverable
-failures are retried with exponential backoff, user errors fail at once.
+failures are retried with exponential backoff, user errors fail at once. Any number of `run()`s
+may be under way at once: they share one reader of their completions and one deploy request per
+deployment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +25,8 @@ from flyte_cornserve.task import TaskIO, UnitTask
 
 from . import control
 from .control import DeploymentState, load_deployment
-from .invocations import TERMINAL, ErrorKind, InvocationStore, Record, State, queue_key
+from .completions import Completions
+from .invocations import TERMINAL, ErrorKind, InvocationStore, Record, State
 from .task_manager import describe
 
 #: a deployment may need to build a model and start an engine first
@@ -31,6 +35,11 @@ DEPLOY_TIMEOUT_S = 900.0
 WAIT_SLICE_S = 60.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 10.0
+
+
+def backoff_s(attempt: int) -> float:
+    """How long to wait before retrying after failed attempt number `attempt` (1, 2, ...)."""
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
 
 Progress = Callable[[str], None]
 
@@ -53,12 +62,15 @@ class Submission:
     deployment_id: str
     task: UnitTask  # the routing candidate that serves it
     timeout_s: float | None
+    ended: asyncio.Future[State] | None = None  # resolved with its terminal state, if watched
 
 
 class Dispatcher:
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
         self.store = InvocationStore(client)
+        self.completions = Completions(client)
+        self._deploying: dict[str, asyncio.Future[None]] = {}  # one deploy request per deployment at a time
 
     async def route(self, task: UnitTask) -> UnitTask:
         """The candidate whose deployment is least loaded (queued + running per executor); the
@@ -71,7 +83,7 @@ class Dispatcher:
             deployment = await load_deployment(self.redis, candidate.deployment_id())
             if deployment is None or deployment.state is not DeploymentState.READY:
                 continue
-            backlog = await self.redis.xlen(queue_key(deployment.id))
+            backlog = await self.store.backlog(deployment.id)
             loads.append((backlog / max(1, len(deployment.executors)), rank, candidate))
         return min(loads, key=lambda load: load[:2])[2] if loads else candidates[0]
 
@@ -82,6 +94,16 @@ class Dispatcher:
         if deployment is not None and deployment.state is DeploymentState.READY:
             await control.touch(self.redis, deployment_id)
             return deployment_id
+        key = f"{deployment_id}:{wait}"
+        pending = self._deploying.get(key)
+        if pending is None:  # the first caller asks the control plane; the others wait for its answer
+            pending = self._deploying[key] = asyncio.ensure_future(self._request_deploy(task, progress, wait))
+            pending.add_done_callback(lambda _: self._deploying.pop(key, None))
+        await asyncio.shield(pending)
+        return deployment_id
+
+    async def _request_deploy(self, task: UnitTask, progress: Progress | None, wait: bool) -> None:
+        deployment_id = task.deployment_id()
         label = describe(task)
 
         async def report(waited: float) -> None:  # between blocking reads of the reply
@@ -93,34 +115,50 @@ class Dispatcher:
             progress(f"deploying {label}")
         await control.request(self.redis, "deploy", DEPLOY_TIMEOUT_S, progress=report if progress else None,
                               task=task.to_json(), wait=wait)
-        return deployment_id
 
     async def submit(self, task: UnitTask, request: TaskIO | Mapping[str, Any], attempts: int = 1,
-                     progress: Progress | None = None, wait_ready: bool = True) -> Submission:
+                     progress: Progress | None = None, wait_ready: bool = True, watch: bool = False) -> Submission:
         """Validate, route, deploy if needed, enqueue. Raises `TaskInputError` for bad input and
         `ControlPlaneError` for a deployment that is refused. Without `wait_ready` it enqueues as
-        soon as the deployment is admitted (its executors pick the invocation up once they serve)."""
+        soon as the deployment is admitted (its executors pick the invocation up once they serve).
+        With `watch`, `outcome()` learns of its end from this dispatcher's shared reader."""
         validated = task.validate_input(request)
         target = await self.route(task)
         deployment_id = await self.deploy(target, progress, wait=wait_ready)
         timeout = task.options.timeout
         timeout_s = timeout.total_seconds() if timeout is not None else None
         payload = descriptor_for(target).encode_request(validated)
-        invocation_id = await self.store.submit(deployment_id, payload, timeout_s=timeout_s, max_attempts=attempts,
-                                                label=describe(target))
-        return Submission(invocation_id, deployment_id, target, timeout_s)
+        invocation_id = uuid.uuid4().hex
+        ended = await self.completions.expect(invocation_id) if watch else None
+        await self.store.submit(deployment_id, payload, timeout_s=timeout_s, invocation_id=invocation_id,
+                                max_attempts=attempts, label=describe(target),
+                                notify=self.completions.key if watch else "")
+        return Submission(invocation_id, deployment_id, target, timeout_s, ended)
 
     async def outcome(self, submission: Submission) -> Record:
-        """Wait for the terminal record; past the deadline, time the invocation out (recoverable)."""
+        """Wait for the terminal record; past the deadline, time the invocation out (recoverable).
+
+        A watched submission waits on this dispatcher's shared reader (and every WAIT_SLICE_S looks
+        at the record itself); any other on a blocking read of its own events stream."""
         deadline = None if submission.timeout_s is None else time.monotonic() + submission.timeout_s
-        while True:
-            remaining = WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
-            record = await self.store.wait(submission.invocation_id, max(0.0, remaining))
-            if record.state in TERMINAL:
-                return record
-            if deadline is not None and time.monotonic() >= deadline:
-                await self.store.time_out(submission.invocation_id, submission.timeout_s or 0.0)
-                return await self.store.record(submission.invocation_id)
+        try:
+            while True:
+                remaining = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
+                if submission.ended is None:
+                    record = await self.store.wait(submission.invocation_id, max(0.0, remaining))
+                else:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(submission.ended), max(0.0, remaining))
+                    except TimeoutError:
+                        pass
+                    record = await self.store.record(submission.invocation_id)
+                if record.state in TERMINAL:
+                    return record
+                if deadline is not None and time.monotonic() >= deadline:
+                    await self.store.time_out(submission.invocation_id, submission.timeout_s or 0.0)
+                    return await self.store.record(submission.invocation_id)
+        finally:
+            self.completions.forget(submission.invocation_id)
 
     async def run(self, task: UnitTask, request: TaskIO | Mapping[str, Any],
                   progress: Progress | None = None, on_submit: Callable[[Submission], None] | None = None) -> TaskIO:
@@ -128,7 +166,7 @@ class Dispatcher:
         attempts = task.options.retries + 1
         used = 0
         while True:
-            submission = await self.submit(task, request, attempts=attempts - used, progress=progress)
+            submission = await self.submit(task, request, attempts=attempts - used, progress=progress, watch=True)
             if on_submit is not None:
                 on_submit(submission)
             record = await self.outcome(submission)
@@ -138,7 +176,7 @@ class Dispatcher:
             failure = failure_of(submission.task, record)
             if not failure.retryable or used >= attempts:
                 raise failure
-            backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (used - 1))
+            backoff = backoff_s(used)
             if progress is not None:
                 progress(f"{describe(submission.task)}: {record.error}; retry {used} of {attempts - 1} in {backoff:g} s")
             await asyncio.sleep(backoff)  # the retry backoff itself

@@ -1,11 +1,14 @@
 """The invocation protocol: how a unit-task invocation travels from its submitter to an executor.
 
 Redis holds, per invocation, a hash (state, input, deadline, output or error, executor, attempt) and
-an events stream with one entry per state change; per deployment, a stream of invocation ids that
-the deployment's executors read as one consumer group. State changes go through one Lua script, so
-a terminal state (DONE, ERROR, CANCELLED) is written once and never overwritten: an invocation
-completes exactly once even if two executors race on it. Waiting is a blocking read of the events
-stream, never a timer. See docs/protocol.md.
+an events stream with one entry per state change; per deployment, two streams of invocation ids
+(interactive work, and batch work that executors take only when no interactive work waits), read by
+the deployment's executors as one consumer group. State changes go through one Lua script, so a
+terminal state (DONE, ERROR, CANCELLED) is written once and never overwritten: an invocation
+completes exactly once even if two executors race on it. A submitter waiting for many invocations
+names one notify stream, to which the same script appends every terminal state: one blocking read
+serves them all. A batch invocation carries many items (one input each) and its output one outcome
+per item. See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from redis.exceptions import ResponseError
 
 GROUP = "executors"
 RECORD_TTL_S = 24 * 3600
+NOTIFY_TTL_S = 24 * 3600  # an abandoned notify stream (its reader went away) goes after this
+NOTIFY_MAXLEN = 100_000
 #: how many invocations `recent()` can list (the CLI's status table)
 RECENT_LIMIT = 1000
 RECENT_KEY = "cornserve:invocations"
@@ -46,8 +51,26 @@ class ErrorKind(str, Enum):
     RECOVERABLE = "recoverable"  # executor died, timeout: a retry may succeed
 
 
-def queue_key(deployment_id: str) -> str:
-    return f"cornserve:queue:{deployment_id}"
+class Priority(str, Enum):
+    """Which of a deployment's queues an invocation waits in: executors serve interactive first."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+def queue_key(deployment_id: str, priority: Priority = Priority.INTERACTIVE) -> str:
+    base = f"cornserve:queue:{deployment_id}"
+    return base if priority is Priority.INTERACTIVE else f"{base}:batch"
+
+
+def queue_keys(deployment_id: str) -> tuple[str, str]:
+    """The deployment's queues, the one served first first."""
+    return queue_key(deployment_id, Priority.INTERACTIVE), queue_key(deployment_id, Priority.BATCH)
+
+
+def notify_key(name: str) -> str:
+    """A stream that receives `{id, state}` when an invocation that names it ends."""
+    return f"cornserve:notify:{name}"
 
 
 def invocation_key(invocation_id: str) -> str:
@@ -60,7 +83,11 @@ def events_key(invocation_id: str) -> str:
 
 @dataclass(frozen=True)
 class Invocation:
-    """What an executor gets: the id, the unit task's input as JSON, and the deadline (epoch seconds)."""
+    """What an executor gets: the id, the unit task's input as JSON, and the deadline (epoch seconds).
+
+    A batch invocation has `items` (one input each) instead of `input`; its executor runs each item
+    as an invocation of its own (`item_invocations()`) and stores one outcome per item.
+    """
 
     id: str
     deployment_id: str
@@ -69,6 +96,23 @@ class Invocation:
     attempt: int = 1
     max_attempts: int = 1  # an executor dying mid-run costs one attempt; past the last one it fails
     entry_id: str = ""  # the queue entry that delivered it, acknowledged once the outcome is stored
+    priority: Priority = Priority.INTERACTIVE
+    items: tuple[dict[str, Any], ...] | None = None
+
+    def item_invocations(self) -> list[Invocation]:
+        """What a handler runs: the invocation itself, or one per item of a batch invocation."""
+        if self.items is None:
+            return [self]
+        return [Invocation(id=f"{self.id}#{k}", deployment_id=self.deployment_id, input=item, deadline=self.deadline,
+                           attempt=self.attempt, max_attempts=self.max_attempts, entry_id=self.entry_id,
+                           priority=self.priority) for k, item in enumerate(self.items)]
+
+    def combine(self, outcomes: list[Outcome]) -> Outcome:
+        """The outcome to store, from the outcomes of `item_invocations()` (in their order)."""
+        if self.items is None:
+            (outcome,) = outcomes
+            return outcome
+        return Outcome(output={"items": [outcome.to_json() for outcome in outcomes]})
 
 
 @dataclass(frozen=True)
@@ -87,6 +131,17 @@ class Outcome:
     def state(self) -> State:
         return State.DONE if self.output is not None else State.ERROR
 
+    def to_json(self) -> dict[str, Any]:
+        if self.output is not None:
+            return {"output": self.output}
+        return {"error": self.error, "kind": self.kind.value}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Outcome:
+        if "output" in data:
+            return cls(output=data["output"])
+        return cls.failed(str(data.get("error", "")), ErrorKind(data.get("kind", ErrorKind.USER.value)))
+
 
 @dataclass
 class Record:
@@ -102,11 +157,21 @@ class Record:
     attempt: int = 0
     max_attempts: int = 1
     label: str = ""
+    priority: Priority = Priority.INTERACTIVE
+    items: int = 0  # a batch invocation's item count (its output holds one outcome per item)
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
     deadline: float | None = None
     history: list[State] = field(default_factory=list)
+
+    def item_outcomes(self) -> list[Outcome]:
+        """A batch invocation's outcomes, one per item; all the invocation's error if it failed whole."""
+        if self.state is State.DONE:
+            return [Outcome.from_json(item) for item in (self.output or {}).get("items", [])]
+        failure = Outcome.failed(self.error or f"invocation {self.id} was {self.state.value.lower()}",
+                                 self.error_kind or ErrorKind.RECOVERABLE)
+        return [failure] * self.items
 
     @property
     def compute_s(self) -> float | None:
@@ -117,7 +182,8 @@ class Record:
 
 
 # KEYS: invocation hash, events stream. ARGV: new state, allowed current states (comma-separated),
-# ttl seconds for terminal states (0 = keep), then field/value pairs to set.
+# ttl seconds for terminal states (0 = keep), then field/value pairs to set. A terminal state is also
+# appended to the stream the record names in `notify` (not declared in KEYS: Redis is one instance).
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return 0 end
@@ -131,9 +197,14 @@ redis.call('XADD', KEYS[2], '*', 'state', ARGV[1])
 if tonumber(ARGV[3]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
+  local notify = redis.call('HGET', KEYS[1], 'notify')
+  if notify and notify ~= '' then
+    redis.call('XADD', notify, 'MAXLEN', '~', %d, '*', 'id', string.sub(KEYS[1], %d), 'state', ARGV[1])
+    redis.call('EXPIRE', notify, %d)
+  end
 end
 return 1
-"""
+""" % (NOTIFY_MAXLEN, len(invocation_key("")) + 1, NOTIFY_TTL_S)
 
 
 class InvocationStore:
@@ -142,33 +213,48 @@ class InvocationStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
         self._transition = client.register_script(_TRANSITION)
+        self._queues: set[str] = set()  # deployments whose consumer group this store has made sure of
 
     # -- submitter side -------------------------------------------------------------------------
 
     async def submit(self, deployment_id: str, input: dict[str, Any], timeout_s: float | None = None,
-                     invocation_id: str | None = None, max_attempts: int = 1, label: str = "") -> str:
+                     invocation_id: str | None = None, max_attempts: int = 1, label: str = "",
+                     priority: Priority = Priority.INTERACTIVE, notify: str = "") -> str:
         """Record the invocation and queue it for the deployment; return its id.
 
         One transaction: an executor may read the queue entry the moment it exists, and must then
-        find the record already QUEUED (history CREATED, QUEUED).
+        find the record already QUEUED (history CREATED, QUEUED). `notify` names a stream
+        (`notify_key`) that receives the invocation's terminal state.
         """
         invocation_id = invocation_id or uuid.uuid4().hex
         await self.ensure_queue(deployment_id)
-        now = time.time()
-        record = {
-            "state": State.QUEUED.value, "deployment_id": deployment_id, "input": json.dumps(input),
-            "deadline": "" if timeout_s is None else repr(now + timeout_s), "created_at": repr(now), "attempt": 0,
-            "max_attempts": max_attempts, "label": label,
-        }
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(invocation_key(invocation_id), mapping=record)
-            pipe.xadd(events_key(invocation_id), {"state": State.CREATED.value})
-            pipe.xadd(events_key(invocation_id), {"state": State.QUEUED.value})
-            pipe.xadd(queue_key(deployment_id), {"id": invocation_id})
-            pipe.zadd(RECENT_KEY, {invocation_id: now})
-            pipe.zremrangebyrank(RECENT_KEY, 0, -RECENT_LIMIT - 1)
+            self.queue_submission(pipe, deployment_id, invocation_id, input, timeout_s=timeout_s,
+                                  max_attempts=max_attempts, label=label, priority=priority, notify=notify)
             await pipe.execute()
         return invocation_id
+
+    def queue_submission(self, pipe: Any, deployment_id: str, invocation_id: str, input: dict[str, Any] | None = None,
+                         *, items: list[dict[str, Any]] | None = None, timeout_s: float | None = None,
+                         max_attempts: int = 1, label: str = "", priority: Priority = Priority.INTERACTIVE,
+                         notify: str = "") -> None:
+        """Add a submission to a transaction of the caller's (who may record more in it): `input`,
+        or `items` for a batch invocation. `ensure_queue(deployment_id)` must have run."""
+        now = time.time()
+        record = {
+            "state": State.QUEUED.value, "deployment_id": deployment_id,
+            "input": json.dumps(items if items is not None else input),
+            "deadline": "" if timeout_s is None else repr(now + timeout_s), "created_at": repr(now), "attempt": 0,
+            "max_attempts": max_attempts, "label": label, "priority": priority.value, "notify": notify,
+            "items": "" if items is None else len(items),
+        }
+        pipe.hset(invocation_key(invocation_id), mapping=record)
+        pipe.xadd(events_key(invocation_id), {"state": State.CREATED.value})
+        pipe.xadd(events_key(invocation_id), {"state": State.QUEUED.value})
+        entry = {"id": invocation_id} if items is None else {"id": invocation_id, "n": len(items)}
+        pipe.xadd(queue_key(deployment_id, priority), entry)
+        pipe.zadd(RECENT_KEY, {invocation_id: now})
+        pipe.zremrangebyrank(RECENT_KEY, 0, -RECENT_LIMIT - 1)
 
     async def wait(self, invocation_id: str, timeout_s: float) -> Record:
         """Block until the invocation reaches a terminal state or `timeout_s` passes; return its record."""
@@ -202,6 +288,8 @@ class InvocationStore:
             attempt=int(fields.get("attempt", 0)),
             max_attempts=int(fields.get("max_attempts") or 1),
             label=fields.get("label", ""),
+            priority=Priority(fields.get("priority") or Priority.INTERACTIVE.value),
+            items=int(fields.get("items") or 0),
             created_at=float(fields.get("created_at") or 0.0),
             started_at=_seconds(fields.get("started_at")),
             finished_at=_seconds(fields.get("finished_at")),
@@ -236,22 +324,32 @@ class InvocationStore:
 
     # -- executor side ----------------------------------------------------------------------------
 
-    async def ensure_queue(self, deployment_id: str) -> None:
-        try:
-            await self.redis.xgroup_create(queue_key(deployment_id), GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    async def ensure_queue(self, deployment_id: str, again: bool = False) -> None:
+        """Create the deployment's queues and their consumer group, once per store (`again` after
+        Redis lost them, e.g. a restart without persistence)."""
+        if deployment_id in self._queues and not again:
+            return
+        for queue in queue_keys(deployment_id):
+            try:
+                await self.redis.xgroup_create(queue, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._queues.add(deployment_id)
 
     async def load(self, deployment_id: str, invocation_id: str, entry_id: str) -> Invocation | None:
         """The invocation behind a queue entry, or None if it is gone (expired)."""
-        fields = await self.redis.hmget(invocation_key(invocation_id), ["input", "deadline", "attempt", "max_attempts"])
+        fields = await self.redis.hmget(invocation_key(invocation_id),
+                                        ["input", "deadline", "attempt", "max_attempts", "priority", "items"])
         if fields[0] is None:
             return None
+        payload = json.loads(fields[0])
+        batch = bool(fields[5])
         return Invocation(
-            id=invocation_id, deployment_id=deployment_id, input=json.loads(fields[0]),
+            id=invocation_id, deployment_id=deployment_id, input={} if batch else payload,
             deadline=_seconds(fields[1]), attempt=int(fields[2] or 0) + 1, max_attempts=int(fields[3] or 1),
-            entry_id=entry_id,
+            entry_id=entry_id, priority=Priority(_text(fields[4]) or Priority.INTERACTIVE.value),
+            items=tuple(payload) if batch else None,
         )
 
     async def start(self, invocation: Invocation, executor_id: str) -> bool:
@@ -274,20 +372,27 @@ class InvocationStore:
 
     async def acknowledge(self, invocation: Invocation) -> None:
         """Done with the queue entry: acknowledge and delete it, so the stream holds only live work."""
-        queue = queue_key(invocation.deployment_id)
+        queue = queue_key(invocation.deployment_id, invocation.priority)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(queue, GROUP, invocation.entry_id)
             pipe.xdel(queue, invocation.entry_id)
             await pipe.execute()
 
     async def queue_depth(self, deployment_id: str) -> int:
-        """Invocations queued for the deployment and not yet delivered to an executor."""
-        queue = queue_key(deployment_id)
+        """Invocations queued for the deployment (either queue) and not yet delivered to an executor."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(queue)
-            pipe.xpending(queue, GROUP)
-            length, pending = await pipe.execute()
-        return length - pending["pending"]
+            for queue in queue_keys(deployment_id):
+                pipe.xlen(queue)
+                pipe.xpending(queue, GROUP)
+            interactive, interactive_pending, batch, batch_pending = await pipe.execute()
+        return interactive - interactive_pending["pending"] + batch - batch_pending["pending"]
+
+    async def backlog(self, deployment_id: str) -> int:
+        """Invocations queued or running on the deployment (entries in its queues)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue in queue_keys(deployment_id):
+                pipe.xlen(queue)
+            return sum(await pipe.execute())
 
     async def transition(self, invocation_id: str, state: State, allowed: set[State], **fields: str) -> bool:
         ttl = RECORD_TTL_S if state in TERMINAL else 0

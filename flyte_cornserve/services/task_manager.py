@@ -32,7 +32,7 @@ from .control import (
     DeploymentState,
     deployment_key,
 )
-from .invocations import ErrorKind, InvocationStore, State, _text, queue_key
+from .invocations import ErrorKind, InvocationStore, State, _text, queue_keys
 from .resources import ResourceManager
 
 log = logging.getLogger(__name__)
@@ -198,13 +198,14 @@ class TaskManager:
             self.resources.release(executor_id)
         if self.deployments.get(record.id) is managed:
             del self.deployments[record.id]
-        queue = queue_key(record.id)
-        for _, fields in await self.redis.xrange(queue):
-            invocation_id = _text(fields[b"id"])
-            await self.store.transition(invocation_id, State.ERROR, allowed={State.QUEUED, State.RUNNING},
-                                        error=error, error_kind=kind.value, finished_at=repr(time.time()))
+        queues = queue_keys(record.id)
+        for queue in queues:
+            for _, fields in await self.redis.xrange(queue):
+                invocation_id = _text(fields[b"id"])
+                await self.store.transition(invocation_id, State.ERROR, allowed={State.QUEUED, State.RUNNING},
+                                            error=error, error_kind=kind.value, finished_at=repr(time.time()))
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(deployment_key(record.id), queue)
+            pipe.delete(deployment_key(record.id), *queues)
             pipe.srem(DEPLOYMENTS_KEY, record.id)
             await pipe.execute()
         await self._event(record, "stopped", error)
@@ -223,7 +224,7 @@ class TaskManager:
             if managed.stopping or record.state is not DeploymentState.READY:
                 continue
             await self.backend.ensure_sidecar(record.node)
-            if await self.redis.xlen(queue_key(record.id)):
+            if await self.store.backlog(record.id):
                 record.last_used = now  # queued or running work: busy
             stored = await self.redis.hget(deployment_key(record.id), "last_used")  # clients touch it
             if stored is not None:

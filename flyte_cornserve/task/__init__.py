@@ -17,13 +17,21 @@ from .graph import Edge, TaskGraph, TaskInvocation
 from .io import TaskIO
 from .options import Resources, TaskOptions
 from .placeholder import InputRef, OutputRef, Placeholder
-from .registry import load_plugins, unit_task_class, unit_task_classes, unit_task_from_json
+from .plan import Plan, plan_of
+from .registry import (
+    load_plugins,
+    task_from_reference,
+    task_reference,
+    unit_task_class,
+    unit_task_classes,
+    unit_task_from_json,
+)
 from .tensor_ref import DTYPE_ITEMSIZE, TensorRef
 
 __all__ = [
-    "DTYPE_ITEMSIZE", "Edge", "InputRef", "OutputRef", "Placeholder", "PlaceholderMisuseError",
+    "DTYPE_ITEMSIZE", "Edge", "InputRef", "OutputRef", "Placeholder", "PlaceholderMisuseError", "Plan",
     "ReplayMismatchError", "Resources", "Task", "TaskContext", "TaskDefinitionError", "TaskError",
     "TaskGraph", "TaskIO", "TaskInputError", "TaskInvocation", "TaskOptions", "TensorRef", "UnitTask",
-    "UnknownTaskClassError", "load_plugins", "replay", "trace", "unit_task_class", "unit_task_classes",
-    "unit_task_from_json",
+    "UnknownTaskClassError", "load_plugins", "plan_of", "replay", "task_from_reference", "task_reference", "trace",
+    "unit_task_class", "unit_task_classes", "unit_task_from_json",
 ]

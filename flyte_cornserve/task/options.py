@@ -34,12 +34,17 @@ class Resources(BaseModel):
         return int(float(number) * _UNITS[unit])
 
 
+#: retries of recoverable failures unless a task says otherwise. Not 0: FlytePropeller counts a failed
+#: `create()` and a RETRYABLE_FAILED phase against a task's retries, so with none a blip fails the node.
+DEFAULT_RETRIES = 3
+
+
 class TaskOptions(BaseModel):
     """How each invocation of a unit task is run. Not part of its deployment identity."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    retries: int = Field(default=0, ge=0, le=10, description="retries of recoverable failures")
+    retries: int = Field(default=DEFAULT_RETRIES, ge=0, le=10, description="retries of recoverable failures")
     timeout: timedelta | None = Field(default=None, description="deadline of one invocation")
     cache: bool = False
     cache_version: str = ""

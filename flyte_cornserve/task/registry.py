@@ -1,8 +1,10 @@
-"""The unit-task class registry and plugin discovery.
+"""The unit-task class registry and plugin discovery, and references to any task class.
 
 Every concrete `UnitTask` subclass registers itself by class name when its module is imported.
 Modules that define unit tasks are found through the `flyte_cornserve.unit_tasks` entry-point group,
-so a third-party package adds a unit task exactly as the built-in ones are added.
+so a third-party package adds a unit task exactly as the built-in ones are added. Any task,
+composites included, can also be named by its import path (`task_reference`), for processes that
+have its code.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pydantic import ValidationError
 from .errors import TaskDefinitionError, UnknownTaskClassError
 
 if TYPE_CHECKING:
-    from .base import UnitTask
+    from .base import Task, UnitTask
 
 ENTRY_POINT_GROUP = "flyte_cornserve.unit_tasks"
 
@@ -69,6 +71,43 @@ def unit_task_from_json(data: str | dict) -> UnitTask:
     if not isinstance(document, dict) or not {"task_class", "config"} <= set(document):
         raise ValueError("a serialized unit task is an object with 'task_class' and 'config'")
     cls = unit_task_class(document["task_class"])
+    try:
+        return cls.model_validate(document["config"])
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(cls.__name__, exc)) from exc
+
+
+def task_reference(task: Task) -> str:
+    """Any task (unit or composite) as JSON naming its class by import path, with its configuration.
+
+    What a process that has the task's code (a workflow's container) needs to rebuild it; the class
+    must be defined at a module's top level."""
+    cls = type(task)
+    if "<locals>" in cls.__qualname__:
+        raise TaskDefinitionError(f"{cls.__qualname__} is defined inside a function; define it at module level "
+                                  f"so other processes can import it")
+    return json.dumps({"module": cls.__module__, "class": cls.__qualname__, "config": task.model_dump(mode="json")},
+                      sort_keys=True, separators=(",", ":"))
+
+
+def task_from_reference(reference: str) -> Task:
+    """Rebuild a task from `task_reference()`: imports its module."""
+    import importlib
+
+    from .base import Task, describe_validation_error
+
+    document = json.loads(reference)
+    try:
+        cls = importlib.import_module(document["module"])
+        for name in document["class"].split("."):
+            cls = getattr(cls, name)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownTaskClassError(
+            f"cannot import task class {document['module']}.{document['class']}: {exc}. The task's code must be "
+            f"installed where the batch is planned (the workflow's image)"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TaskDefinitionError(f"{document['module']}.{document['class']} is not a Task class")
     try:
         return cls.model_validate(document["config"])
     except ValidationError as exc:

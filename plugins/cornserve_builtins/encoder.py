@@ -6,9 +6,6 @@ and returns only the reference, which the consumer (typically an `LLMTask`) reso
 
 from __future__ import annotations
 
-import base64
-import mimetypes
-import pathlib
 from enum import Enum
 from typing import Any
 
@@ -16,10 +13,6 @@ from pydantic import Field
 
 from flyte_cornserve.descriptors import TaskExecutionDescriptor, register_descriptor
 from flyte_cornserve.task import Resources, TaskIO, TensorRef, UnitTask
-
-
-#: larger local images should live where the executor can read them (a path or URL it resolves)
-MAX_INLINE_IMAGE = 16 * 2**20
 
 
 class Modality(str, Enum):
@@ -30,7 +23,8 @@ class Modality(str, Enum):
 class EncoderInput(TaskIO):
     data: str = Field(
         min_length=1,
-        description="what to encode: for images a file path, http(s) URL or data: URL; for text, the text",
+        description="what to encode: for images a reference the executor reads (a path on its machine, "
+                    "file://, http(s)://, s3://, gs:// or a data: URL); for text, the text",
     )
 
 
@@ -47,20 +41,11 @@ class EncoderTask(UnitTask[EncoderInput, EncoderOutput]):
 
 @register_descriptor(EncoderTask, default=True)
 class EncoderServerDescriptor(TaskExecutionDescriptor[EncoderTask]):
-    """Runs on the project's encoder server, which batches items and writes embeddings to the sidecar."""
+    """Runs on the project's encoder server, which fetches images itself (their bytes never travel
+    through Redis), batches items and writes embeddings to the sidecar."""
 
     executor = "encoder"
     default_resources = Resources(cpu=1, memory="2Gi")
 
     def executor_args(self) -> dict[str, Any]:
         return {"model_id": self.task.model_id, "modality": self.task.modality.value}
-
-    def encode_request(self, request: TaskIO) -> dict[str, Any]:
-        """An image file on the submitting machine travels as a data: URL (the executor may run
-        elsewhere, or in another folder); other paths and URLs go as they are."""
-        payload = request.model_dump(mode="json")
-        path = pathlib.Path(payload["data"]) if self.task.modality is Modality.IMAGE else None
-        if path is not None and len(payload["data"]) < 4096 and path.is_file() and path.stat().st_size <= MAX_INLINE_IMAGE:
-            kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            payload["data"] = f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
-        return payload

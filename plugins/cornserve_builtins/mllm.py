@@ -14,7 +14,8 @@ from .llm import LLMInput, LLMTask, SamplingParams
 
 class MLLMInput(TaskIO):
     prompt: str = Field(min_length=1)
-    images: list[str] = Field(default_factory=list, description="file paths, http(s) URLs or data: URLs")
+    images: list[str] = Field(default_factory=list, description="references the encoder's executor reads: paths on "
+                              "its machine, file://, http(s)://, s3://, gs:// or data: URLs")
 
 
 class MLLMOutput(TaskIO):

@@ -85,9 +85,9 @@ def test_embeddings_equal_transformers_for_paths_and_data_urls(encoder, tiny_lla
     ("data", "message"),
     [
         ("data:image/png;base64," + base64.b64encode(b"not a png at all").decode(), "undecodable image"),
-        ("data:image/png;base64,@@@", "undecodable image"),
-        ("data:image/png,rawbytes", "must be base64-encoded"),
-        ("/no/such/image.png", "neither a data: URL nor an existing file"),
+        ("data:image/png;base64,@@@", "not valid base64"),
+        ("data:image/png,rawbytes", "is not ;base64"),
+        ("/no/such/image.png", "no such file or object: /no/such/image.png"),
     ],
 )
 def test_bad_images_are_that_invocations_error_and_the_executor_keeps_serving(encoder, redis_url, data, message):

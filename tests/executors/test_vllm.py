@@ -183,3 +183,63 @@ def test_an_invocation_ended_while_generating_is_aborted_and_the_engine_keeps_se
     assert long.id not in queued  # given up (acknowledged) before the 80 tokens of `after`: aborted
     assert aborted_total(llm, state) == before + 1
     assert llm.alive()
+
+
+def test_an_embedding_outlives_a_recoverable_failure_so_the_retry_reads_it(services, redis_url):
+    """Regression: the executor released an invocation's embeddings whatever its outcome, so the retry
+    of an LLM call that timed out found its embedding gone (TensorNotFound). A recoverable failure
+    now leaves them; the outcome that is final (the text) releases them."""
+    rng = random.Random(5)
+
+    async def scenario():
+        store = InvocationStore(aioredis.Redis.from_url(redis_url))
+        encoded = await store.wait(await store.submit(ENCODER.deployment_id(), {"data": data_url(
+            draw("red", "circle", "white", rng))}, timeout_s=60), 60)
+        embeddings = [encoded.output["embeddings"]]
+        slow = {**llm_payload(PROMPT, embeddings), "sampling": {"max_tokens": 200, "temperature": 0.0, "ignore_eos": True}}
+        first = await store.submit(LLM.deployment_id(), slow)
+        await reached(store, first, State.RUNNING)
+        assert await store.time_out(first, 1)  # the first attempt fails, recoverably, while generating
+        retry = await store.wait(await store.submit(LLM.deployment_id(), llm_payload(PROMPT, embeddings)), 120)
+        again = await store.wait(await store.submit(LLM.deployment_id(), llm_payload(PROMPT, embeddings)), 120)
+        return await store.record(first), retry, again
+
+    first, retry, again = run(scenario())
+    assert first.state == State.ERROR and first.error_kind == ErrorKind.RECOVERABLE
+    assert retry.state == State.DONE and retry.output["text"], retry.error
+    # the retry's outcome was final: it released the embedding, which is now gone
+    assert again.state == State.ERROR and "embedding not available" in again.error
+
+
+def test_interactive_work_is_served_before_queued_batch_work(services, redis_url):
+    """Batch invocations fill the executor (its max_in_flight items) and more wait in the batch queue;
+    an interactive invocation submitted after them is taken first: it starts (by the records)
+    before the batch invocation queued ahead of it."""
+    from flyte_cornserve.executors.vllm_engine import VLLMHandler
+    from flyte_cornserve.services.invocations import Priority
+
+    per_invocation = 64
+    fill = VLLMHandler.max_in_flight // per_invocation + 1  # one more than fits: it waits in the queue
+    item = generating("Go on.", 48)
+
+    async def scenario():
+        store = InvocationStore(aioredis.Redis.from_url(redis_url))
+        await store.ensure_queue(LLM.deployment_id())
+        batch = []
+        for _ in range(fill):
+            invocation_id = f"batch-{random.getrandbits(64):x}"
+            async with store.redis.pipeline(transaction=True) as pipe:
+                store.queue_submission(pipe, LLM.deployment_id(), invocation_id, items=[item] * per_invocation,
+                                       priority=Priority.BATCH)
+                await pipe.execute()
+            batch.append(invocation_id)
+        await reached(store, batch[fill - 2], State.RUNNING)  # the executor is full now
+        interactive = await store.submit(LLM.deployment_id(), generating("Me first.", 4))
+        done = await store.wait(interactive, 120)
+        records = [await store.wait(invocation_id, 120) for invocation_id in batch]
+        return done, records
+
+    done, records = run(scenario())
+    assert done.state == State.DONE and all(r.state == State.DONE and r.items == per_invocation for r in records)
+    last = records[-1]  # queued before the interactive one was submitted, and still queued then
+    assert done.created_at > last.created_at and done.started_at < last.started_at

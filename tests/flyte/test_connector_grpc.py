@@ -7,14 +7,10 @@ workflow, the encoder's TensorRef output literal passed on as the LLM's input.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
-import grpc
 import pytest
 from flyteidl.admin import agent_pb2
 from flyteidl.core import literals_pb2
@@ -28,8 +24,8 @@ from flytekit.tools.translator import get_serializable
 from cornserve_builtins.encoder import EncoderTask
 from cornserve_builtins.llm import LLMTask, SamplingParams
 from flyte_cornserve.flyte import flyte_task
-from flyte_cornserve.redis_server import ENV_URL
 
+from ..connector import ConnectorProcess
 from ..stack import Stack
 
 IMAGE = os.path.join(os.path.dirname(__file__), "..", "..", "workflows", "images", "blue-circle-on-yellow.png")
@@ -41,22 +37,11 @@ TERMINAL = {TaskExecution.SUCCEEDED, TaskExecution.FAILED, TaskExecution.RETRYAB
 
 @pytest.fixture(scope="module")
 def connector(stack: Stack) -> Iterator[agent_pb2_grpc.AsyncAgentServiceStub]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "pyflyte"), "serve", "connector", "--port", str(port),
-         "--modules", "flyte_cornserve.flyte.connector"],
-        env={**os.environ, ENV_URL: stack.url}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    process = ConnectorProcess(stack.url)
     try:
-        grpc.channel_ready_future(channel).result(timeout=60)
-        yield agent_pb2_grpc.AsyncAgentServiceStub(channel)
+        yield process.stub
     finally:
-        channel.close()
-        process.terminate()
-        process.wait(timeout=30)
+        process.stop()
 
 
 def template(unit_task):

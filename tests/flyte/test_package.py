@@ -9,6 +9,7 @@ import tarfile
 
 import pytest
 from flyteidl.admin import launch_plan_pb2, task_pb2, workflow_pb2
+from flyteidl.core import execution_pb2
 from google.protobuf.json_format import MessageToDict
 
 PROJECT = pathlib.Path(__file__).resolve().parents[2]
@@ -39,9 +40,13 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
     return entities
 
 
-def workflow(package: dict, name: str) -> workflow_pb2.WorkflowSpec:
-    (spec,) = [w for w in package["workflows"] if w.template.id.name == f"workflows.vlm.{name}"]
+def workflow(package: dict, name: str, module: str = "workflows.vlm") -> workflow_pb2.WorkflowSpec:
+    (spec,) = [w for w in package["workflows"] if w.template.id.name == f"{module}.{name}"]
     return spec
+
+
+def unit_tasks(package: dict) -> list[task_pb2.TaskSpec]:
+    return [spec for spec in package["tasks"] if spec.template.type == "cornserve"]
 
 
 def task_of(package: dict, node) -> task_pb2.TaskSpec:
@@ -51,7 +56,7 @@ def task_of(package: dict, node) -> task_pb2.TaskSpec:
 
 def test_tasks_have_the_cornserve_type_and_the_unit_task_json(package):
     classes = set()
-    for spec in package["tasks"]:
+    for spec in unit_tasks(package):
         template = spec.template
         assert template.type == "cornserve"
         assert not template.HasField("container")  # no pod per call: the connector runs it
@@ -98,8 +103,44 @@ def test_both_variants_share_the_llm_deployment(package):
 def test_unit_task_json_in_custom_rebuilds_the_task(package):
     from flyte_cornserve.task import unit_task_from_json
 
-    for spec in package["tasks"]:
+    for spec in unit_tasks(package):
         custom = MessageToDict(spec.template.custom)
         task = unit_task_from_json(custom["unit_task"])  # numbers came back as floats
         assert task.deployment_id() == custom["deployment_id"]
         assert task.model_id == "tiny-llava"
+
+
+def test_a_batch_is_planned_then_fans_out_chunk_nodes_over_a_launch_plan_then_merged(package):
+    plan, fan_out, merge = workflow(package, "batch_caption", "workflows.batch_caption").template.nodes
+    assert plan.task_node.reference_id.name == "flyte_cornserve.flyte.batch.plan_chunks"
+    assert merge.task_node.reference_id.name == "flyte_cornserve.flyte.batch.merge_jsonl"
+    assert fan_out.array_node.min_success_ratio == 1.0
+    assert fan_out.array_node.execution_mode == fan_out.array_node.FULL_STATE  # a child execution per chunk
+    sub = fan_out.array_node.node
+    assert sub.inputs[0].binding.promise.node_id == plan.id
+    chunk_plan = sub.workflow_node.launchplan_ref.name
+    (launch_plan,) = [lp for lp in package["launch_plans"] if lp.id.name == chunk_plan]
+    (chunk_workflow,) = [w for w in package["workflows"] if w.template.id.name == launch_plan.spec.workflow_id.name]
+    (node,) = chunk_workflow.template.nodes
+    (chunk_task,) = [t for t in package["tasks"] if t.template.id.name == node.task_node.reference_id.name]
+    template = chunk_task.template
+    assert template.type == "cornserve_batch" and not template.HasField("container")  # the connector runs it
+    assert MessageToDict(template.custom) == {"schema": 1.0, "label": "MLLMTask tiny-llava",
+                                              "min_success_ratio": 0.0, "max_in_flight": None}
+    assert template.metadata.retries.retries == 3
+
+
+def test_the_nightly_launch_plan_carries_its_schedule_inputs_and_failure_notification(package):
+    (nightly,) = [lp for lp in package["launch_plans"] if lp.id.name == "nightly_captions"]
+    spec = nightly.spec
+    assert spec.workflow_id.name == "workflows.batch_caption.nightly"
+    assert spec.entity_metadata.schedule.cron_schedule.schedule == "0 2 * * *"
+    assert spec.entity_metadata.schedule.kickoff_time_input_arg == "run_date"
+    defaults = spec.default_inputs.parameters
+    assert defaults["run_date"].required and defaults["images"].default.scalar.blob.uri  # the dataset location
+    fixed = spec.fixed_inputs.literals
+    assert fixed["prompt"].scalar.primitive.string_value == "Describe the image."
+    assert fixed["results"].scalar.primitive.string_value  # where the results go
+    (notification,) = spec.entity_metadata.notifications
+    assert list(notification.phases) == [execution_pb2.WorkflowExecution.FAILED, execution_pb2.WorkflowExecution.TIMED_OUT]
+    assert list(notification.email.recipients_email) == ["ml-platform@example.com"]

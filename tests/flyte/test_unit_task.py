@@ -49,7 +49,8 @@ def test_metadata_set_on_a_unit_task_reaches_the_task_template():
 
 def test_defaults_come_from_the_descriptor():
     t = template(EncoderTask(model_id="clip"))
-    assert t.metadata.retries.retries == 0 and t.metadata.discoverable is False
+    # 3 retries by default: Propeller counts a failed create() and RETRYABLE_FAILED against them
+    assert t.metadata.retries.retries == 3 and t.metadata.discoverable is False
     assert t.custom["descriptor"] == {
         "name": "EncoderServerDescriptor", "executor": "encoder",
         "args": {"model_id": "clip", "modality": "image"},

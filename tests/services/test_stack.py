@@ -21,7 +21,7 @@ from cornserve_builtins.encoder import EncoderTask
 from cornserve_builtins.llm import LLMInput, LLMTask, SamplingParams
 from cornserve_builtins.mllm import MLLMTask
 from flyte_cornserve.flyte import call
-from flyte_cornserve.redis_server import ENV_URL
+from flyte_cornserve.redis_server import ASYNC_POOL_SIZE, ENV_URL, connect_async
 from flyte_cornserve.services.control import (
     Deployment,
     control_plane_info,
@@ -246,3 +246,19 @@ def test_idle_executors_stop_after_the_ttl(redis_url: str, tmp_path) -> None:
         assert output.embeddings.shape[0] > 0
     finally:
         quick.stop()
+
+
+def test_two_hundred_runs_at_once_share_a_few_connections(stack: Stack) -> None:
+    """Regression: each waiting invocation held a pooled connection, and 128 at once raised redis-py's
+    MaxConnectionsError. One reader now waits for all of a dispatcher's invocations."""
+    quick = LLMTask(model_id="tiny-llava", sampling=SamplingParams(max_tokens=2))
+
+    async def scenario() -> tuple[list[str], int]:
+        dispatcher = Dispatcher(connect_async(stack.url, name="two-hundred"))
+        outputs = await asyncio.gather(*(dispatcher.run(quick, LLMInput(prompt=f"question {i}")) for i in range(200)))
+        mine = [c for c in await dispatcher.redis.client_list() if c["name"] == "two-hundred"]
+        return [output.text for output in outputs], len(mine)
+
+    texts, connections = run(scenario())
+    assert len(texts) == 200 and all(isinstance(text, str) for text in texts)
+    assert connections <= ASYNC_POOL_SIZE  # bounded, however many invocations are under way

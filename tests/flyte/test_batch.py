@@ -1,0 +1,346 @@
+"""Batch inference over a dataset, on the real stack: `pyflyte run` of the batch workflow, a composite
+task of this module, stages that overlap, Flyte's cache per chunk, remote images, per-item retries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pytest
+import redis.asyncio as aioredis
+from flytekit import workflow
+from flytekit.types.file import FlyteFile
+from flytekit.types.structured import StructuredDataset
+from PIL import Image
+from pydantic import Field
+
+from cornserve_builtins.encoder import EncoderInput, EncoderTask
+from cornserve_builtins.llm import LLMInput, LLMTask, SamplingParams
+from flyte_cornserve.flyte import batch
+from flyte_cornserve.models.tiny import COLORS, PROMPT, SHAPES, draw
+from flyte_cornserve.redis_server import ENV_URL
+from flyte_cornserve.services.batches import BATCHES_KEY
+from flyte_cornserve.services.invocations import RECENT_KEY, InvocationStore, Priority
+from flyte_cornserve.task import Task, TaskIO
+from workflows.vlm import caption, captioner, chat
+
+from ..media_servers import S3Server, serve_http
+from ..stack import Stack
+
+PROJECT = pathlib.Path(__file__).resolve().parents[2]
+PYFLYTE = pathlib.Path(sys.executable).with_name("pyflyte")
+DISTINCT = 20  # distinct images; rows reuse them
+
+
+@dataclass
+class Dataset:
+    folder: pathlib.Path
+    images: list[pathlib.Path]
+    broken: pathlib.Path  # a .png that is not an image
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    folder = tmp_path_factory.mktemp("images")
+    rng = random.Random(7)
+    images = []
+    for i in range(DISTINCT):
+        color, background = rng.sample(sorted(COLORS), 2)
+        path = folder / f"shape-{i:02d}.png"
+        Image.fromarray(draw(color, rng.choice(SHAPES), background, rng)).save(path)
+        images.append(path)
+    broken = folder / "broken.png"
+    broken.write_bytes(b"this is not a png")
+    return Dataset(folder, images, broken)
+
+
+@pytest.fixture(scope="module")
+def one_by_one(use_module_stack: Stack, dataset: Dataset) -> dict[str, str]:
+    """The `caption` workflow run once per distinct image: what every batch must agree with."""
+    return {path.name: caption(image=str(path)) for path in dataset.images}
+
+
+@pytest.fixture(scope="module")
+def use_module_stack(stack: Stack) -> Stack:
+    """Local runs in this module go to the shared stack (as `pyflyte run` does with the URL set)."""
+    previous = os.environ.get(ENV_URL)
+    os.environ[ENV_URL] = stack.url
+    yield stack
+    if previous is None:
+        del os.environ[ENV_URL]
+    else:
+        os.environ[ENV_URL] = previous
+
+
+def manifest_rows(dataset: Dataset, count: int, reference=lambda path: str(path), bad: bool = True) -> list[dict]:
+    """`count` rows over the distinct images; with `bad`, rows 7, 50 and 133 are bad (missing file,
+    undecodable image, empty prompt) when there are that many."""
+    rows = [{"id": f"row-{i:04d}", "images": [reference(dataset.images[i % DISTINCT])], "prompt": PROMPT}
+            for i in range(count)]
+    if bad and count > 133:
+        rows[7]["images"] = [str(dataset.folder / "no-such-image.png")]
+        rows[50]["images"] = [str(dataset.broken)]
+        rows[133]["prompt"] = ""
+    return rows
+
+
+def write_manifest(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def read_rows(path: str | pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def check_bad_rows(rows: list[dict]) -> None:
+    by_id = {row["id"]: row for row in rows}
+    missing, broken, empty = by_id["row-0007"], by_id["row-0050"], by_id["row-0133"]
+    assert missing["state"] == "ERROR" and "EncoderTask tiny-llava" in missing["error"]
+    assert "no such file or object" in missing["error"] and "no-such-image.png" in missing["error"]
+    assert broken["state"] == "ERROR" and "undecodable image" in broken["error"]
+    assert empty["state"] == "ERROR" and "MLLMTask" in empty["error"] and "field 'prompt'" in empty["error"]
+    for row in (missing, broken, empty):
+        assert row["text"] is None
+
+
+def test_pyflyte_run_of_the_batch_workflow_writes_a_row_per_request(use_module_stack, dataset, one_by_one, tmp_path):
+    rows = manifest_rows(dataset, 200)
+    manifest = write_manifest(tmp_path / "manifest.jsonl", rows)
+    env = {**os.environ, ENV_URL: use_module_stack.url}
+    run = subprocess.run([str(PYFLYTE), "run", "workflows/batch_caption.py", "batch_caption", "--manifest", str(manifest),
+                          "--chunk_size", "64"], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = read_rows(run.stdout.strip().splitlines()[-1])
+    assert [row["id"] for row in results] == [row["id"] for row in rows]  # one row each, in manifest order
+    check_bad_rows(results)
+    good = [(row, result) for row, result in zip(rows, results) if row["id"] not in {"row-0007", "row-0050", "row-0133"}]
+    assert len(good) == 197
+    for row, result in good:
+        assert result["state"] == "DONE" and result["error"] is None and result["attempts"] == 1
+        assert result["text"] == one_by_one[pathlib.Path(row["images"][0]).name], row["id"]
+        assert result["latency_s"] > 0
+
+
+# -- a composite task of this module, not a built-in ----------------------------------------------------
+
+class CaptionAndEchoInput(TaskIO):
+    image: str
+    word: str = Field(min_length=1)
+
+
+class CaptionAndEchoOutput(TaskIO):
+    caption: str
+    echo: str
+
+
+class CaptionAndEcho(Task[CaptionAndEchoInput, CaptionAndEchoOutput]):
+    """An encoder and two LLM calls, one of them on the text alone: a graph no built-in has."""
+
+    encoder: EncoderTask
+    llm: LLMTask
+
+    def invoke(self, request: CaptionAndEchoInput) -> CaptionAndEchoOutput:
+        embeddings = self.encoder(EncoderInput(data=request.image)).embeddings
+        described = self.llm(LLMInput(prompt=PROMPT, embeddings=[embeddings]))
+        echoed = self.llm(LLMInput(prompt=request.word))
+        return CaptionAndEchoOutput(caption=described.text, echo=echoed.text)
+
+
+CAPTION_AND_ECHO = CaptionAndEcho(encoder=captioner.encoder, llm=captioner.llm)
+
+
+@workflow
+def caption_and_echo_batch(manifest: FlyteFile) -> FlyteFile:
+    return batch(CAPTION_AND_ECHO, manifest=manifest, chunk_size=64)
+
+
+def test_a_composite_of_the_test_module_runs_as_a_batch(use_module_stack, dataset, one_by_one, tmp_path):
+    rows = [{"id": f"row-{i:04d}", "image": str(dataset.images[i % DISTINCT]), "word": ["red", "blue"][i % 2]}
+            for i in range(200)]
+    rows[7]["image"] = str(dataset.folder / "no-such-image.png")
+    rows[50]["image"] = str(dataset.broken)
+    rows[133]["word"] = ""
+    results = read_rows(caption_and_echo_batch(manifest=str(write_manifest(tmp_path / "m.jsonl", rows))).path)
+    assert [row["id"] for row in results] == [row["id"] for row in rows]
+    by_id = {row["id"]: row for row in results}
+    assert "no such file or object" in by_id["row-0007"]["error"]
+    assert "undecodable image" in by_id["row-0050"]["error"]
+    assert "CaptionAndEcho" in by_id["row-0133"]["error"] and "field 'word'" in by_id["row-0133"]["error"]
+    echoes = {word: chat(prompt=word) for word in ("red", "blue")}
+    for row in rows:
+        if row["id"] in ("row-0007", "row-0050", "row-0133"):
+            continue
+        result = by_id[row["id"]]
+        assert result["state"] == "DONE", result
+        assert result["caption"] == one_by_one[pathlib.Path(row["image"]).name]
+        assert result["echo"] == echoes[row["word"]]
+
+
+# -- pipelining ---------------------------------------------------------------------------------------
+
+@workflow
+def plain_batch(manifest: FlyteFile) -> FlyteFile:
+    return batch(captioner, manifest=manifest, chunk_size=320)
+
+
+def test_the_stages_overlap(use_module_stack, dataset, tmp_path):
+    """Some item's LLM invocation starts before another item's encoder invocation ends."""
+    started = time.time()
+    results = read_rows(plain_batch(manifest=str(write_manifest(tmp_path / "m.jsonl", manifest_rows(dataset, 640, bad=False)))).path)
+    assert all(row["state"] == "DONE" for row in results) and len(results) == 640
+    records = [r for r in asyncio.run(batch_records(use_module_stack.url, count=100)) if r.created_at >= started]
+    encodes = [r for r in records if r.label.startswith("EncoderTask") and r.items]
+    generations = [r for r in records if r.label.startswith("LLMTask") and r.items]
+    assert sum(r.items for r in encodes) == 640 and sum(r.items for r in generations) == 640
+    assert any(g.started_at < e.finished_at for g in generations for e in encodes), "the LLM waited for every encode"
+
+
+async def batch_records(url: str, count: int):
+    store = InvocationStore(aioredis.Redis.from_url(url))
+    try:
+        return [r for r in await store.recent(count) if r.priority is Priority.BATCH]
+    finally:
+        await store.redis.aclose()
+
+
+# -- Flyte's cache, per chunk -------------------------------------------------------------------------
+
+CACHE_VERSION = uuid.uuid4().hex  # this session's: the local cache lives in its HOME
+
+
+@workflow
+def cached_batch(manifest: FlyteFile) -> FlyteFile:
+    return batch(captioner, manifest=manifest, chunk_size=50, cache=True, cache_version=CACHE_VERSION)
+
+
+def test_a_cached_rerun_submits_nothing_and_a_changed_row_recomputes_its_chunk(use_module_stack, dataset, tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    rows = manifest_rows(dataset, 200)
+    write_manifest(manifest, rows)
+
+    def run() -> tuple[list[dict], int, int]:
+        client = use_module_stack.sync_client()
+        batches, invocations = client.zcard(BATCHES_KEY), client.zcard(RECENT_KEY)
+        results = read_rows(cached_batch(manifest=str(manifest)).path)
+        return results, client.zcard(BATCHES_KEY) - batches, client.zcard(RECENT_KEY) - invocations
+
+    first, batches, invocations = run()
+    assert batches == 4 and invocations > 0
+    again, batches, invocations = run()
+    assert (batches, invocations) == (0, 0) and again == first
+    rows[120]["prompt"] = "What is in the picture?"  # the manifest rewritten in place: chunk 2 changes
+    write_manifest(manifest, rows)
+    changed, batches, invocations = run()
+    assert batches == 1 and invocations > 0
+    assert changed[:100] == first[:100] and changed[150:] == first[150:]  # the other chunks: from the cache
+    assert [(r["id"], r["text"], r["state"]) for r in changed[100:150] if r["id"] != "row-0120"] == \
+           [(r["id"], r["text"], r["state"]) for r in first[100:150] if r["id"] != "row-0120"]
+
+
+# -- images from where datasets live ------------------------------------------------------------------
+
+@workflow
+def small_batch(manifest: FlyteFile) -> FlyteFile:
+    return batch(captioner, manifest=manifest, chunk_size=20)
+
+
+def test_http_and_s3_images_give_the_captions_of_the_local_files(use_module_stack, dataset, one_by_one, s3: S3Server,
+                                                                 tmp_path):
+    bucket = f"images-{uuid.uuid4().hex[:8]}"
+    s3.put(bucket, {path.name: path.read_bytes() for path in dataset.images})
+    with serve_http(dataset.folder) as http:
+        for reference in (lambda p: f"{http.url}{p.name}", lambda p: f"s3://{bucket}/{p.name}"):
+            rows = manifest_rows(dataset, DISTINCT, reference)
+            results = read_rows(small_batch(manifest=str(write_manifest(tmp_path / "m.jsonl", rows))).path)
+            assert [r["state"] for r in results] == ["DONE"] * DISTINCT, results
+            assert {pathlib.Path(row["images"][0]).name: r["text"] for row, r in zip(rows, results)} == one_by_one
+
+
+# -- failures stay per item ---------------------------------------------------------------------------
+
+@workflow
+def strict_batch(manifest: FlyteFile) -> FlyteFile:
+    return batch(captioner, manifest=manifest, chunk_size=20, min_success_ratio=0.9)
+
+
+def test_a_recoverable_failure_is_retried_per_item_and_then_is_that_rows_error(use_module_stack, dataset, tmp_path):
+    with serve_http(dataset.folder) as http:
+        http.special["/flaky.png"] = 500
+        rows = manifest_rows(dataset, 4)
+        rows[1]["images"] = [f"{http.url}flaky.png"]
+        results = read_rows(small_batch(manifest=str(write_manifest(tmp_path / "m.jsonl", rows))).path)
+    assert [r["state"] for r in results] == ["DONE", "ERROR", "DONE", "DONE"]
+    assert "HTTP status 500" in results[1]["error"]
+    assert results[1]["attempts"] == captioner.encoder.options.retries + 1 == 4
+    assert results[0]["attempts"] == 1
+
+
+def test_below_min_success_ratio_the_batch_fails_with_the_counts_and_first_errors(use_module_stack, dataset, tmp_path):
+    rows = manifest_rows(dataset, 10)
+    rows[3]["prompt"] = ""
+    rows[6]["images"] = [str(dataset.broken)]
+    with pytest.raises(Exception, match=r"2 of 10 items failed") as failure:
+        strict_batch(manifest=str(write_manifest(tmp_path / "m.jsonl", rows)))
+    assert "row-0003" in str(failure.value) and "undecodable image" in str(failure.value)
+
+
+# -- many cheap items ---------------------------------------------------------------------------------
+
+ONE_TOKEN = LLMTask(model_id="tiny-llava", sampling=SamplingParams(max_tokens=1))
+
+
+@workflow
+def cheap_batch(manifest: FlyteFile) -> FlyteFile:
+    return batch(ONE_TOKEN, manifest=manifest, chunk_size=10_000, max_in_flight=10_000)
+
+
+def test_ten_thousand_items_in_flight_at_once_complete(use_module_stack, tmp_path):
+    client = use_module_stack.sync_client()
+    rows = [{"id": str(i), "prompt": f"item {i}"} for i in range(10_000)]
+    results = read_rows(cheap_batch(manifest=str(write_manifest(tmp_path / "m.jsonl", rows))).path)
+    assert len(results) == 10_000 and all(r["state"] == "DONE" and r["text"] is not None for r in results)
+    assert client.info("clients")["connected_clients"] < 100  # no connection per item anywhere
+
+
+# -- the nightly launch plan, run locally -------------------------------------------------------------
+
+def test_the_nightly_launch_plan_runs_locally_and_publishes_under_the_run_date(use_module_stack, tmp_path):
+    env = {**os.environ, ENV_URL: use_module_stack.url, "CORNSERVE_NIGHTLY_RESULTS": str(tmp_path / "published")}
+    run = subprocess.run([str(PYFLYTE), "run", "workflows/batch_caption.py", "nightly_captions",
+                          "--run_date", "2026-12-06T02:00:00"], cwd=PROJECT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    published = tmp_path / "published" / "2026-12-06" / "captions.jsonl"
+    assert run.stdout.strip().splitlines()[-1] == str(published)
+    rows = read_rows(published)  # the default dataset: the images in workflows/images
+    assert [row["id"] for row in rows] == sorted(path.name for path in (PROJECT / "workflows" / "images").iterdir())
+    assert all(row["state"] == "DONE" and row["text"] for row in rows)
+
+
+# -- results as parquet -------------------------------------------------------------------------------
+
+@workflow
+def parquet_batch(manifest: FlyteFile) -> StructuredDataset:
+    return batch(captioner, manifest=manifest, chunk_size=8, output="parquet")
+
+
+def test_results_can_be_a_parquet_structured_dataset(use_module_stack, dataset, one_by_one, tmp_path):
+    rows = manifest_rows(dataset, 20)
+    rows[4]["prompt"] = ""
+    table = parquet_batch(manifest=str(write_manifest(tmp_path / "m.jsonl", rows))).open(pa.Table).all()
+    assert table.column_names == ["id", "text", "error", "state", "attempts", "latency_s"]
+    results = table.to_pylist()
+    assert [r["id"] for r in results] == [row["id"] for row in rows]
+    assert results[4]["state"] == "ERROR" and "field 'prompt'" in results[4]["error"] and results[4]["text"] is None
+    assert all(r["text"] == one_by_one[pathlib.Path(row["images"][0]).name]
+               for row, r in zip(rows, results) if r["id"] != "row-0004")
