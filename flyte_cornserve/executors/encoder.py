@@ -27,7 +27,7 @@ from .media import MediaError, read_bytes
 class TensorStore(Protocol):
     """The part of the sidecar client an encoder needs."""
 
-    def put(self, tensor: Any) -> TensorRef: ...
+    def put_many(self, tensors: list[Any]) -> list[TensorRef]: ...
 
 
 class BadItem(ValueError):
@@ -56,7 +56,7 @@ def decode_image(reference: str):
 
 class EncoderHandler(Handler):
     max_batch_size = 64
-    max_wait_s = 0.002
+    max_wait_s = 0.0  # items queued while it encodes make the next batch; batches of a batch come whole
     max_in_flight = 64
 
     def __init__(self, descriptor: TaskExecutionDescriptor, store: TensorStore) -> None:
@@ -98,7 +98,7 @@ class EncoderHandler(Handler):
             except BadItem as exc:
                 outcomes[i] = Outcome.failed(str(exc), exc.kind)
         if items:
-            refs = [self.store.put(tensor.contiguous()) for tensor in self._encode(list(items.values()))]
+            refs = self.store.put_many([tensor.contiguous() for tensor in self._encode(list(items.values()))])
             for i, ref in zip(items, refs, strict=True):
                 outcomes[i] = Outcome(output={"embeddings": ref.model_dump(mode="json")})
         return outcomes  # type: ignore[return-value]

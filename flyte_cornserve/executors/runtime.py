@@ -45,6 +45,8 @@ from .handler import Handler
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000  # a blocking read's longest wait: bounds how long SIGTERM waits for the loop
+#: items of interactive work taken beyond `max_in_flight`: it need not wait for batch work to end
+INTERACTIVE_RESERVE = 8
 
 
 def executor_key(executor_id: str) -> str:
@@ -102,13 +104,18 @@ class ExecutorRuntime:
     def request_stop(self) -> None:
         """Stop taking work; invocations already running finish and are stored (graceful drain)."""
         self._stopping.set()
+        asyncio.ensure_future(self._notify_capacity())  # wake what waits for room, to see the stop
+
+    async def _notify_capacity(self) -> None:
+        async with self._capacity:
+            self._capacity.notify_all()
 
     async def run(self) -> None:
         await self.store.ensure_queue(self.deployment_id)
         await self.handler.start()
         await self._heartbeat_once()
         background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaim()),
-                      asyncio.create_task(self._watch())]
+                      asyncio.create_task(self._watch()), asyncio.create_task(self._listen_interactive())]
         server = self._serve_http() if self.metrics_port is not None else None
         self._healthy = True
         log.info("executor %s serving %s", self.executor_id, self.deployment_id)
@@ -149,6 +156,36 @@ class ExecutorRuntime:
                 self._in_flight += sum(entry.items for entry in entries)
                 self._spawn(entries)
 
+    async def _listen_interactive(self) -> None:
+        """While the executor is full, a blocking read of the interactive queue alone, on a
+        connection of its own, takes up to INTERACTIVE_RESERVE more items: interactive work does not
+        wait for a batch invocation to end. (The main loop takes interactive work first too, once
+        there is room.)"""
+        client = self.redis.client()
+        queue = queue_key(self.deployment_id)
+        backoff = 0.0
+        try:
+            while not self._stopping.is_set() and not self._closing.is_set():
+                async with self._capacity:
+                    await self._capacity.wait_for(lambda: self._stopping.is_set() or (
+                        self.handler.max_in_flight <= self._in_flight < self.handler.max_in_flight + INTERACTIVE_RESERVE))
+                if self._stopping.is_set():
+                    return
+                try:
+                    entries = _entries(await client.xreadgroup(GROUP, self.executor_id, {queue: ">"}, count=1,
+                                                               block=READ_BLOCK_MS))
+                except RedisError as exc:
+                    backoff = min(max(2 * backoff, 0.1), 5.0)
+                    log.warning("reading the interactive queue failed (%s); retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    continue
+                backoff = 0.0
+                if entries:
+                    self._in_flight += sum(entry.items for entry in entries)
+                    self._spawn(entries)
+        finally:
+            await client.aclose()
+
     async def _ensure_queues(self) -> None:
         try:
             await self.store.ensure_queue(self.deployment_id, again=True)
@@ -167,25 +204,19 @@ class ExecutorRuntime:
 
     async def _read(self, free: int) -> list[Entry]:
         """Entries worth up to `free` items, interactive ones first: whatever is queued now, else
-        block (up to READ_BLOCK_MS, then the loop looks at SIGTERM) for the first, then gather more
-        for at most `max_wait_s`."""
+        block (up to READ_BLOCK_MS, then the loop looks at SIGTERM) for the first, then, after
+        `max_wait_s` for more to arrive, what is queued by then. (The window is a sleep, not a
+        blocking read: Redis times blocked reads out only at its cron's pace, every 100 ms.)"""
         want = min(free, self.handler.max_batch_size)
         entries = await self._take(want)
         if not entries:
             entries = await self._take(1, block_ms=READ_BLOCK_MS)
             if not entries:
                 return entries
-        deadline = time.monotonic() + self.handler.max_wait_s
-        while (room := want - sum(e.items for e in entries)) > 0:
-            more = await self._take(room)
-            if not more:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                more = await self._take(1, block_ms=max(1, int(remaining * 1000)))
-                if not more:
-                    break
-            entries += more
+            if self.handler.max_wait_s > 0:
+                await asyncio.sleep(self.handler.max_wait_s)  # the batching window itself
+            if (room := want - sum(e.items for e in entries)) > 0:
+                entries += await self._take(room)
         return entries
 
     async def _take(self, room: int, block_ms: int | None = None) -> list[Entry]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 from typing import Any, Protocol
 
@@ -40,7 +39,9 @@ class TensorSource(Protocol):
 
     def get(self, ref: TensorRef, *, timeout: float) -> Any: ...
 
-    def release(self, ref: TensorRef) -> None: ...
+    def get_many(self, refs: list[TensorRef], *, timeout: float) -> list[Any]: ...
+
+    def release_many(self, refs: list[TensorRef]) -> None: ...
 
 
 class BadEmbedding(ValueError):
@@ -52,10 +53,13 @@ ENGINE_PRIORITY = {Priority.INTERACTIVE: 0, Priority.BATCH: 1}
 
 
 class VLLMHandler(Handler):
-    max_batch_size = 512
+    max_batch_size = 128
     max_wait_s = 0.0
-    max_in_flight = 512
-    max_num_seqs = 256  # sequences the engine steps at once (vLLM's default for offline use on CPU)
+    max_in_flight = 128  # two batch invocations: one stepping, the next queued in the engine
+    #: sequences the engine steps at once. On CPU, 64 gives the throughput of vLLM's default 256 for
+    #: small models, and steps four times shorter, so an interactive request in a busy engine waits
+    #: less for each of its tokens.
+    max_num_seqs = 64
 
     def __init__(self, descriptor: TaskExecutionDescriptor, store: TensorSource) -> None:
         args = descriptor.executor_args()
@@ -69,6 +73,9 @@ class VLLMHandler(Handler):
         self.hidden_size = 0
         self._handling: set[str] = set()  # invocations inside handle()
         self._aborted: set[str] = set()  # of those, the ones to stop
+        self._interactive = 0  # interactive requests in the engine: batch items wait to enter it
+        self._batch_may_enter = asyncio.Event()
+        self._batch_may_enter.set()
 
     async def start(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -89,6 +96,9 @@ class VLLMHandler(Handler):
             model=str(path), dtype="float32", enforce_eager=True, seed=0,
             max_model_len=min(self.max_model_len, text_config.max_position_embeddings),
             max_num_seqs=self.max_num_seqs, scheduling_policy="priority", disable_log_stats=True,
+            # the model in the engine-core process itself: vLLM's separate worker process spins on
+            # its queue for a second after each step, taking a core from the other executors
+            distributed_executor_backend="uni",
             **({"enable_mm_embeds": True, "limit_mm_per_prompt": {"image": 0}} if multimodal else {}),
         )
         self.engine = AsyncLLM.from_engine_args(engine_args)
@@ -99,10 +109,23 @@ class VLLMHandler(Handler):
             self.engine = None  # let vLLM's finalizer run now, while the interpreter is whole
 
     async def handle(self, batch: list[Invocation]) -> list[Outcome]:
+        """Validate each invocation, fetch the batch's embeddings together, generate for all at once,
+        release the embeddings of the invocations whose outcome is final, together."""
         ids = {invocation.id for invocation in batch}
         self._handling |= ids
         try:
-            return list(await asyncio.gather(*(self._generate(invocation) for invocation in batch)))
+            prepared = [self._prepare(invocation) for invocation in batch]
+            wanted = [ref for item in prepared if not isinstance(item, Outcome) for ref in item[0].embeddings]
+            fetched = await asyncio.to_thread(self._fetch, wanted)
+            results = await asyncio.gather(*(
+                self._generate(invocation, item, fetched) if not isinstance(item, Outcome) else _done(item, False)
+                for invocation, item in zip(batch, prepared)
+            ))
+            final = [ref for (_, is_final), item in zip(results, prepared) if is_final and not isinstance(item, Outcome)
+                     for ref in item[0].embeddings if not isinstance(fetched.get(ref.id), Exception)]
+            if final:
+                await asyncio.to_thread(self.store.release_many, final)
+            return [outcome for outcome, _ in results]
         finally:
             self._handling -= ids
             self._aborted -= ids
@@ -116,7 +139,8 @@ class VLLMHandler(Handler):
         if ids and self.engine is not None:
             await self.engine.abort(ids)
 
-    async def _generate(self, invocation: Invocation) -> Outcome:
+    def _prepare(self, invocation: Invocation):
+        """(request, sampling params), or the invocation's user error."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
 
@@ -133,38 +157,63 @@ class VLLMHandler(Handler):
                 self._check(ref)
         except (ValidationError, BadEmbedding, ValueError, TypeError, VLLMClientError) as exc:
             return Outcome.failed(f"invalid input: {exc}")
-        fetched: list[TensorRef] = []
-        final = False  # the outcome is final (not to be retried): the embeddings may go
+        return request, params
+
+    def _fetch(self, refs: list[TensorRef]) -> dict[str, Any]:
+        """Each ref's tensor, or the error that kept it away (that item's alone): together if they can."""
+        if not refs:
+            return {}
         try:
-            tensors = []
-            for ref in request.embeddings:
-                tensors.append(await asyncio.to_thread(functools.partial(self.store.get, ref, timeout=FETCH_TIMEOUT_S)))
-                fetched.append(ref)
+            return dict(zip((ref.id for ref in refs), self.store.get_many(refs, timeout=FETCH_TIMEOUT_S), strict=True))
+        except (TimeoutError, SidecarError):
+            found: dict[str, Any] = {}
+            for ref in refs:  # one by one, to know which
+                try:
+                    found[ref.id] = self.store.get(ref, timeout=FETCH_TIMEOUT_S)
+                except (TimeoutError, SidecarError) as exc:
+                    found[ref.id] = exc
+            return found
+
+    async def _generate(self, invocation: Invocation, prepared, fetched: dict[str, Any]) -> tuple[Outcome, bool]:
+        """The outcome, and whether it is final (not to be retried: the embeddings may go)."""
+        from vllm.exceptions import VLLMClientError
+
+        request, params = prepared
+        tensors = [fetched[ref.id] for ref in request.embeddings]
+        missing = next((t for t in tensors if isinstance(t, Exception)), None)
+        if missing is not None:  # the embedding is not (yet, or any more) there: a retry may find it
+            return Outcome.failed(f"embedding not available: {missing}", ErrorKind.RECOVERABLE), False
+        try:
             prompt: dict[str, Any] = {"prompt": self.format_prompt(request.prompt, len(tensors))}
             if tensors:
                 prompt["multi_modal_data"] = {"image": _stack(tensors, self.image_tokens, self.hidden_size)}
+                prompt["multi_modal_uuids"] = {"image": [ref.id for ref in request.embeddings]}  # vLLM need not hash
+            interactive = invocation.priority is Priority.INTERACTIVE
+            if not interactive:
+                await self._batch_may_enter.wait()  # batch yields: no new batch item while interactive ones run
             if invocation.id in self._aborted:
-                return _aborted(0)
+                return _aborted(0), False
             last = None
             generation = self.engine.generate(prompt, params, request_id=invocation.id,
                                               priority=ENGINE_PRIORITY[invocation.priority])
-            async with contextlib.aclosing(generation) as outputs:
-                async for last in outputs:
-                    if invocation.id in self._aborted:  # closing the stream aborts the request
-                        break
+            if interactive:
+                self._interactive += 1
+                self._batch_may_enter.clear()
+            try:
+                async with contextlib.aclosing(generation) as outputs:
+                    async for last in outputs:
+                        if invocation.id in self._aborted:  # closing the stream aborts the request
+                            break
+            finally:
+                if interactive:
+                    self._interactive -= 1
+                    if not self._interactive:
+                        self._batch_may_enter.set()
             if invocation.id in self._aborted or last is None or last.outputs[0].finish_reason == "abort":
-                return _aborted(len(last.outputs[0].token_ids) if last is not None else 0)
-            final = True
-            return Outcome(output={"text": last.outputs[0].text})
+                return _aborted(len(last.outputs[0].token_ids) if last is not None else 0), False
+            return Outcome(output={"text": last.outputs[0].text}), True
         except (ValueError, VLLMClientError) as exc:  # the request's own fault (prompt too long, ...)
-            final = True
-            return Outcome.failed(str(exc))
-        except (TimeoutError, SidecarError) as exc:  # the embedding is not (yet, or any more) there
-            return Outcome.failed(f"embedding not available: {exc}", ErrorKind.RECOVERABLE)
-        finally:
-            if final:
-                for ref in fetched:
-                    await asyncio.to_thread(self.store.release, ref)
+            return Outcome.failed(str(exc)), True
 
     def _check(self, ref: TensorRef) -> None:
         if not self.image_tokens:
@@ -186,6 +235,10 @@ class VLLMHandler(Handler):
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
         return "<image>" * images + prompt
+
+
+async def _done(outcome: Outcome, final: bool) -> tuple[Outcome, bool]:
+    return outcome, final
 
 
 def _aborted(tokens: int) -> Outcome:

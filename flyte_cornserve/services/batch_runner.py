@@ -69,7 +69,7 @@ from .task_manager import TaskManager, describe
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_IN_FLIGHT = 1024
+DEFAULT_MAX_IN_FLIGHT = 512
 DEFAULT_MICRO_BATCH = 64
 PROGRESS_EVERY_S = 0.25  # the longest a batch's watchers wait for news of progress
 FIRST_ERRORS = 3  # how many item errors a failed batch's message quotes

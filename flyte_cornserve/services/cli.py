@@ -37,7 +37,7 @@ def _machine_gpus() -> int:
 @click.option("--idle-ttl", type=click.FloatRange(min=0.1), default=1800.0, show_default=True,
               help="seconds a deployment may stay idle before its executors are stopped")
 @click.option("--batch-in-flight", type=click.IntRange(min=1), default=None,
-              help="items of batches in flight at once, across batches: bounds the stack's memory [default: 1024]")
+              help="items of batches in flight at once, across batches: bounds the stack's memory [default: 512]")
 @click.option("--foreground", is_flag=True, help="run the control plane in this process (e.g. in a container)")
 @click.option("--announce", is_flag=True, hidden=True, help="print the ready line, then log to the stack's log file")
 def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, batch_in_flight: int | None,

@@ -79,24 +79,50 @@ class SidecarClient:
         anyway. When the sidecar's memory cap is reached, waits up to `timeout` for room, then
         raises `MemoryCapExceeded`. `id` (default: a random one) lets consumers `get` before the put.
         """
-        array, dtype = tensors.as_array(tensor)
-        ref = TensorRef(id=id or uuid.uuid4().hex, shape=array.shape, dtype=dtype, nbytes=array.nbytes, location=self.sidecar_id)
-        request = wire.AllocRequest(token=self.token, ref=ref, consumers=consumers, ttl=ttl, timeout=timeout)
-        placement = self._call(request, wire.Placement, timeout)
+        return self.put_many([tensor], consumers=consumers, ttl=ttl, ids=[id], timeout=timeout)[0]
+
+    def put_many(
+        self,
+        many: list[tensors.TensorLike],
+        *,
+        consumers: int = 1,
+        ttl: float = DEFAULT_TTL_S,
+        ids: list[str | None] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> list[TensorRef]:
+        """`put` for a batch of tensors (each with the same consumers and TTL): one request to the
+        sidecar and one round trip to Redis per `wire.MAX_ALLOC` tensors, all of them or none."""
+        refs: list[TensorRef] = []
+        for start in range(0, len(many), wire.MAX_ALLOC):
+            part = many[start:start + wire.MAX_ALLOC]
+            refs += self._put_part(part, consumers, ttl, (ids or [None] * len(many))[start:start + len(part)], timeout)
+        return refs
+
+    def _put_part(self, part: list[tensors.TensorLike], consumers: int, ttl: float, ids: list[str | None],
+                  timeout: float) -> list[TensorRef]:
+        arrays = [tensors.as_array(tensor) for tensor in part]
+        refs = [TensorRef(id=given or uuid.uuid4().hex, shape=array.shape, dtype=dtype, nbytes=array.nbytes,
+                          location=self.sidecar_id) for (array, dtype), given in zip(arrays, ids)]
+        request = wire.AllocRequest(token=self.token, refs=refs, consumers=consumers, ttl=ttl, timeout=timeout)
+        placements = self._call(request, wire.Placements, timeout).placements
         try:
-            if ref.nbytes:
-                destination = self._arena(placement.arena).array(placement.offset, ref.shape, array.dtype)
-                np.copyto(destination, array, casting="no")
-            entry = TensorEntry(
-                ref=ref, holder=self.sidecar_id, arena=placement.arena, offset=placement.offset,
-                state=TensorState.READY, consumers=consumers, expires_at=placement.expires_at,
-            )  # fmt: skip
-            if not self.directory.publish(ref.id, entry, ttl):
-                raise SidecarError(f"tensor id {ref.id!r} is already in use; ids must be unique while their tensors live")
+            entries = []
+            for (array, _), ref, placement in zip(arrays, refs, placements, strict=True):
+                if ref.nbytes:
+                    destination = self._arena(placement.arena).array(placement.offset, ref.shape, array.dtype)
+                    np.copyto(destination, array, casting="no")
+                entries.append((ref.id, TensorEntry(
+                    ref=ref, holder=self.sidecar_id, arena=placement.arena, offset=placement.offset,
+                    state=TensorState.READY, consumers=consumers, expires_at=placement.expires_at,
+                )))  # fmt: skip
+            taken = [ref.id for ref, published in zip(refs, self.directory.publish_many(entries, ttl)) if not published]
+            if taken:
+                raise SidecarError(f"tensor id {taken[0]!r} is already in use; ids must be unique while their tensors live")
         except BaseException:
-            self.directory.discard(ref.id, self.sidecar_id)
+            for ref in refs:
+                self.directory.discard(ref.id, self.sidecar_id)
             raise
-        return ref
+        return refs
 
     def get(self, ref: TensorRef | str, *, timeout: float = DEFAULT_TIMEOUT_S) -> torch.Tensor:
         """The tensor behind `ref` (or a bare id), waiting up to `timeout` for it to be written.
@@ -113,16 +139,37 @@ class SidecarClient:
             arena_name, offset = copy.arena, copy.offset
         return tensors.tensor_over(self._arena(arena_name).buffer, offset, entry.ref.shape, entry.ref.dtype)
 
+    def get_many(self, refs: list[TensorRef], *, timeout: float = DEFAULT_TIMEOUT_S) -> list[torch.Tensor]:
+        """`get` for many refs: one round trip to Redis for those this node holds (the usual case
+        between an encoder and an LLM on one node); any other goes the way of `get`."""
+        found = self.directory.lookup_many([(ref.id, ref.location or self.sidecar_id) for ref in refs])
+        views = []
+        for ref, (entry, alive) in zip(refs, found, strict=True):
+            if entry is not None and alive and entry.state is TensorState.READY and entry.holder == self.sidecar_id:
+                views.append(tensors.tensor_over(self._arena(entry.arena).buffer, entry.offset, entry.ref.shape,
+                                                 entry.ref.dtype))
+            else:
+                views.append(self.get(ref, timeout=timeout))
+        return views
+
     def release(self, ref: TensorRef | str) -> None:
         """This consumer is done with the tensor: views from `get` must not be used any more."""
-        key = ref.id if isinstance(ref, TensorRef) else ref
-        with self._lock:
-            copy = self._copies.pop(key, None)
-        if copy is not None:
-            self.directory.release(copy.key, self.sidecar_id)
-        holder = ref.location if isinstance(ref, TensorRef) and ref.location else self.directory.holder_of(key)
-        if holder is not None:
-            self.directory.release(key, holder)
+        self.release_many([ref])
+
+    def release_many(self, refs: list[TensorRef | str]) -> None:
+        """`release` for many tensors, in one round trip to Redis when their refs name their holders."""
+        pairs: list[tuple[str, str]] = []
+        for ref in refs:
+            key = ref.id if isinstance(ref, TensorRef) else ref
+            with self._lock:
+                copy = self._copies.pop(key, None)
+            if copy is not None:
+                pairs.append((copy.key, self.sidecar_id))
+            holder = ref.location if isinstance(ref, TensorRef) and ref.location else self.directory.holder_of(key)
+            if holder is not None:
+                pairs.append((key, holder))
+        if pairs:
+            self.directory.release_many(pairs)
 
     def stats(self) -> wire.Stats:
         """Memory use of this node's sidecar."""

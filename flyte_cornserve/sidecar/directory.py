@@ -182,9 +182,16 @@ class Directory:
 
     def publish(self, key: str, entry: TensorEntry, ttl: float) -> bool:
         """Enter a written tensor under `key` and wake its waiting consumers; False if the key is taken."""
-        keys = [self._key("entry", key), self._key("held", entry.holder), self._key("ready", key)]
-        args = [key, int((ttl + REDIS_GRACE_S) * 1000), *_flatten(entry.to_fields())]
-        return bool(self._publish(keys=keys, args=args))
+        return self.publish_many([(key, entry)], ttl)[0]
+
+    def publish_many(self, entries: list[tuple[str, TensorEntry]], ttl: float) -> list[bool]:
+        """`publish` for many tensors in one round trip; for each, False if its key is taken."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key, entry in entries:
+            keys = [self._key("entry", key), self._key("held", entry.holder), self._key("ready", key)]
+            self._publish(keys=keys, args=[key, int((ttl + REDIS_GRACE_S) * 1000), *_flatten(entry.to_fields())],
+                          client=pipe)
+        return [bool(done) for done in pipe.execute()]
 
     def entry(self, key: str) -> TensorEntry | None:
         fields = self.redis.hgetall(self._key("entry", key))
@@ -195,14 +202,23 @@ class Directory:
 
         One round trip when the holder is `likely_holder` (the ref's location, or this node).
         """
+        return self.lookup_many([(key, likely_holder)])[0]
+
+    def lookup_many(self, keys: list[tuple[str, str]]) -> list[tuple[TensorEntry | None, bool]]:
+        """`lookup` for many (key, likely holder) pairs, in one round trip when each holder is the likely one."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self._key("entry", key))
-        pipe.exists(self._key("sidecar", likely_holder))
-        fields, likely_alive = pipe.execute()
-        if not fields:
-            return None, False
-        entry = TensorEntry.from_fields(fields)
-        return entry, bool(likely_alive) if entry.holder == likely_holder else self.is_alive(entry.holder)
+        for key, likely_holder in keys:
+            pipe.hgetall(self._key("entry", key))
+            pipe.exists(self._key("sidecar", likely_holder))
+        replies = pipe.execute()
+        found: list[tuple[TensorEntry | None, bool]] = []
+        for (_, likely_holder), fields, likely_alive in zip(keys, replies[::2], replies[1::2]):
+            if not fields:
+                found.append((None, False))
+                continue
+            entry = TensorEntry.from_fields(fields)
+            found.append((entry, bool(likely_alive) if entry.holder == likely_holder else self.is_alive(entry.holder)))
+        return found
 
     def wait_published(self, key: str, timeout: float) -> TensorEntry | None:
         """The tensor's entry as published, waiting up to `timeout` for it; None if it did not come.
@@ -224,8 +240,14 @@ class Directory:
 
         Returns the releases still expected, or -1 if the tensor is gone or already released.
         """
-        keys = [self._key("entry", key), self._key("released", holder)]
-        return int(self._release(keys=keys, args=[key, holder]))
+        return self.release_many([(key, holder)])[0]
+
+    def release_many(self, keys: list[tuple[str, str]]) -> list[int]:
+        """`release` for many (key, holder) pairs, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key, holder in keys:
+            self._release(keys=[self._key("entry", key), self._key("released", holder)], args=[key, holder], client=pipe)
+        return [int(left) for left in pipe.execute()]
 
     def discard(self, key: str, holder: str) -> None:
         """Ask the holder to free a tensor now, whatever its consumers (a put that failed)."""

@@ -170,7 +170,7 @@ class SidecarServer:
                 return
             wire.send_reply(sock, reply)
 
-    def _dispatch(self, request: wire.Request) -> wire.Placement | wire.Stats:
+    def _dispatch(self, request: wire.Request) -> wire.Placements | wire.Placement | wire.Stats:
         if isinstance(request, wire.AllocRequest):
             return self._alloc(request)
         if isinstance(request, wire.FetchRequest):
@@ -188,10 +188,20 @@ class SidecarServer:
                 high_water=self._allocator.high_water,
             )
 
-    def _alloc(self, request: wire.AllocRequest) -> wire.Placement:
+    def _alloc(self, request: wire.AllocRequest) -> wire.Placements:
+        """Room for every tensor of the request, or for none (a failure frees what it had placed)."""
         expires_at = time.time() + request.ttl
-        offset = self._allocate(request.ref.id, request.ref.nbytes, expires_at, request.timeout)
-        return wire.Placement(key=request.ref.id, arena=self.arena.name, offset=offset, expires_at=expires_at)
+        deadline = time.monotonic() + request.timeout
+        placed: list[wire.Placement] = []
+        try:
+            for ref in request.refs:
+                offset = self._allocate(ref.id, ref.nbytes, expires_at, max(0.0, deadline - time.monotonic()))
+                placed.append(wire.Placement(key=ref.id, arena=self.arena.name, offset=offset, expires_at=expires_at))
+        except BaseException:
+            for placement in placed:
+                self._free(placement.key)
+            raise
+        return wire.Placements(placements=placed)
 
     def _fetch(self, request: wire.FetchRequest) -> wire.Placement:
         entry = self.directory.entry(request.id)
@@ -267,7 +277,7 @@ class SidecarServer:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise MemoryCapExceeded(
-                            f"sidecar {self.config.sidecar_id!r}: no room for {nbytes} bytes within {timeout:g} s; "
+                            f"sidecar {self.config.sidecar_id!r}: no room for {nbytes} bytes within {timeout:.3g} s; "
                             f"{self._allocator.used} of {self._allocator.capacity} bytes in use, largest free extent {self._allocator.largest_free}"
                         )
                     self._space_freed.wait(remaining)

@@ -26,7 +26,7 @@ from .errors import ProtocolError, SidecarError, error_from_code
 MAGIC_REQUEST = b"CSRQ"
 MAGIC_REPLY = b"CSRP"
 MAGIC_TENSOR = b"CSTN"
-VERSION = 1
+VERSION = 2  # 2: `alloc` reserves room for a list of tensors (one round trip for a batch)
 ENV_TOKEN = "CORNSERVE_SIDECAR_TOKEN"  # the optional shared secret of all sidecars and their clients
 MAX_BODY = 64 * 1024
 MAX_NDIM = 32
@@ -36,7 +36,7 @@ FRAME = struct.Struct("!4sBBI")  # magic, version, status (0 = ok, else an error
 TENSOR = struct.Struct("!4sBBBxQQ")  # magic, version, dtype code, ndim, pad, nbytes, checksum
 DIM = struct.Struct("!Q")
 
-#: Wire code of each allowed dtype. Codes are part of protocol version 1: never renumber them.
+#: Wire code of each allowed dtype. Codes are part of the protocol since version 1: never renumber them.
 DTYPE_CODES: dict[str, int] = {
     "bool": 1, "uint8": 2, "int8": 3, "int16": 4, "int32": 5, "int64": 6,
     "float16": 7, "bfloat16": 8, "float32": 9, "float64": 10,
@@ -71,11 +71,16 @@ class ReadRequest(_Request):
     id: TensorId
 
 
+#: tensors one `alloc` may reserve (so a request stays well under MAX_BODY)
+MAX_ALLOC = 128
+
+
 class AllocRequest(_Request):
-    """Client to its sidecar: reserve room for this tensor (the client then writes and publishes it)."""
+    """Client to its sidecar: reserve room for these tensors (the client then writes and publishes
+    them); all of them or none."""
 
     op: Literal["alloc"] = "alloc"
-    ref: TensorRef
+    refs: list[TensorRef] = Field(min_length=1, max_length=MAX_ALLOC)
     consumers: int = Field(ge=1)
     ttl: float = Field(gt=0)
     timeout: float = Field(ge=0)
@@ -106,6 +111,12 @@ class Placement(_Message):
     arena: str
     offset: int = Field(ge=0)
     expires_at: float
+
+
+class Placements(_Message):
+    """The reply to `alloc`: one placement per tensor, in order."""
+
+    placements: list[Placement]
 
 
 class Stats(_Message):

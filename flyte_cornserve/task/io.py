@@ -9,6 +9,7 @@ at trace time.
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from typing import Any
@@ -66,8 +67,11 @@ def _check_value(value: Any, annotation: Any, where: str, constraints: list[Any]
             )
         return value
     if not find_placeholders(value):
-        constrained = typing.Annotated[(annotation, *constraints)] if constraints else annotation
-        return TypeAdapter(constrained).validate_python(value)
+        try:
+            adapter = _adapter(annotation, tuple(constraints))
+        except TypeError:  # an unhashable annotation: no cache
+            adapter = _adapter.__wrapped__(annotation, tuple(constraints))
+        return adapter.validate_python(value)
     if isinstance(value, (list, tuple)):
         item_type = _list_item_type(annotation)
         if item_type is None:
@@ -77,6 +81,12 @@ def _check_value(value: Any, annotation: Any, where: str, constraints: list[Any]
         f"{where}: a placeholder may be a field's value or an item of a list field, "
         f"not nested inside {type(value).__name__}"
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _adapter(annotation: Any, constraints: tuple[Any, ...]) -> TypeAdapter:
+    """A validator per field type, built once: building a TypeAdapter costs far more than using it."""
+    return TypeAdapter(typing.Annotated[(annotation, *constraints)] if constraints else annotation)
 
 
 def accepts(target: Any, source: Any) -> bool:

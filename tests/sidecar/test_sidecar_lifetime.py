@@ -129,3 +129,15 @@ def test_memory_cap_applies_backpressure_then_fails_clearly(sidecars, wait_until
     assert client.stats().waiting == 0
     client.release(second)
     wait_until(lambda: settled(client), "the sidecar to free the last tensor")
+
+
+def test_a_batch_put_that_does_not_fit_places_nothing(sidecars, wait_until) -> None:
+    node = sidecars.start(memory_cap="1MiB")
+    client = sidecars.client(node)
+    third = torch.ones(300 * KiB // 4)
+    with pytest.raises(MemoryCapExceeded):
+        client.put_many([third, third, third, third], timeout=0.2)  # 4 x 300 KiB: the fourth does not fit
+    assert client.stats().used == 0  # all or nothing: the three that fitted were freed
+    refs = client.put_many([third, third, third], timeout=5)
+    client.release_many(refs)
+    wait_until(lambda: settled(client), "the sidecar to free the batch")

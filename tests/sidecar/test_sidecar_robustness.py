@@ -45,7 +45,7 @@ def victim(module_sidecars):
     return module_sidecars.start()
 
 
-ALLOC_BODY = '{{"op": "alloc", "ref": {{"id": "a", "shape": [2], "dtype": "{dtype}", "nbytes": {nbytes}}}, "consumers": 1, "ttl": 9, "timeout": 1}}'
+ALLOC_BODY = '{{"op": "alloc", "refs": [{{"id": "a", "shape": [2], "dtype": "{dtype}", "nbytes": {nbytes}}}], "consumers": 1, "ttl": 9, "timeout": 1}}'
 
 
 @pytest.mark.parametrize(

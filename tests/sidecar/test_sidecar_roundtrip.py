@@ -117,3 +117,18 @@ def test_any_shape_round_trips_on_both_paths(nodes, dtype: str, shape: tuple[int
     assert_bit_exact(b.get(ref), tensor)
     a.release(ref)
     b.release(ref)
+
+
+def test_a_batch_of_tensors_goes_in_and_out_in_one_request_each_way(nodes) -> None:
+    a, b = nodes
+    batch = [random_tensor("float32", (16, 64), seed=i) for i in range(200)]  # more than one alloc request holds
+    refs = a.put_many(batch)
+    assert len({ref.id for ref in refs}) == 200 and all(ref.location == a.sidecar_id for ref in refs)
+    for got, expected in zip(a.get_many(refs), batch):  # held here: views of this node's memory
+        assert_bit_exact(got, expected)
+    for got, expected in zip(b.get_many(refs[:3]), batch[:3]):  # held elsewhere: pulled over TCP
+        assert_bit_exact(got, expected)
+    b.release_many(refs[:3])
+    a.release_many(refs)
+    with pytest.raises(Exception, match="gone|released"):
+        a.get(refs[0], timeout=1)

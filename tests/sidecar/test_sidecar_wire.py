@@ -52,10 +52,10 @@ def test_tensor_stream_round_trips(dtype: str, shape: tuple[int, ...], seed: int
     ("raw", "message"),
     [
         (_header_bytes(magic=b"HTTP"), "bad magic"),
-        (_header_bytes(version=2), "unsupported protocol version 2"),
+        (_header_bytes(version=1), "unsupported protocol version 1"),
         (_header_bytes(code=0), "unknown dtype code 0"),
         (_header_bytes(code=200), "unknown dtype code 200"),
-        (wire.TENSOR.pack(wire.MAGIC_TENSOR, 1, 9, 255, 0, 0), "255 dimensions exceed the limit"),
+        (wire.TENSOR.pack(wire.MAGIC_TENSOR, wire.VERSION, 9, 255, 0, 0), "255 dimensions exceed the limit"),
         (_header_bytes(shape=(2, 3), nbytes=25), r"header says 25 bytes, but shape \(2, 3\) of float32 is 24 bytes"),
         (_header_bytes(shape=(2**62, 4), nbytes=0), "header says 0 bytes"),
         (_header_bytes()[:10], "truncated tensor header"),
@@ -88,7 +88,7 @@ def test_truncated_payload_and_bad_checksum_are_rejected() -> None:
 
 def test_requests_round_trip_and_replies_carry_error_classes() -> None:
     ref = TensorRef(id="x.1", shape=(2, 2), dtype="bfloat16", nbytes=8)
-    request = wire.AllocRequest(token="t", ref=ref, consumers=2, ttl=5, timeout=1)
+    request = wire.AllocRequest(token="t", refs=[ref], consumers=2, ttl=5, timeout=1)
     sender, receiver = _pair()
     with sender, receiver:
         wire.send_request(sender, request)
@@ -113,16 +113,20 @@ def _frame(body: bytes, *, magic=wire.MAGIC_REQUEST, version=wire.VERSION, lengt
         (_frame(b'{"op": "delete_everything"}'), "invalid request: body: Input tag 'delete_everything'"),
         (_frame(b'{"op": "read", "id": "../etc/passwd"}'), "invalid request: read.id: String should match pattern"),
         (
-            _frame(b'{"op": "alloc", "ref": {"id": "a", "shape": [2], "dtype": "complex64", "nbytes": 16}, "consumers": 1, "ttl": 1, "timeout": 1}'),
+            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "complex64", "nbytes": 16}], "consumers": 1, "ttl": 1, "timeout": 1}'),
             "dtype 'complex64' is not allowed",
         ),
         (
-            _frame(b'{"op": "alloc", "ref": {"id": "a", "shape": [2], "dtype": "float32", "nbytes": 9}, "consumers": 1, "ttl": 1, "timeout": 1}'),
+            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "float32", "nbytes": 9}], "consumers": 1, "ttl": 1, "timeout": 1}'),
             "nbytes=9 disagrees with shape",
         ),
         (
-            _frame(b'{"op": "alloc", "ref": {"id": "a", "shape": [2], "dtype": "float32", "nbytes": 8}, "consumers": 0, "ttl": 1, "timeout": 1}'),
+            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "float32", "nbytes": 8}], "consumers": 0, "ttl": 1, "timeout": 1}'),
             "alloc.consumers: Input should be greater than or equal to 1",
+        ),
+        (
+            _frame(b'{"op": "alloc", "refs": [], "consumers": 1, "ttl": 1, "timeout": 1}'),
+            "alloc.refs: List should have at least 1 item",
         ),
     ],
 )
@@ -144,6 +148,6 @@ def test_clean_close_between_requests_is_not_an_error() -> None:
 
 
 def test_header_struct_layout_is_stable() -> None:
-    """Version 1 of the protocol: 4-byte magic, version, dtype code, ndim, pad, nbytes, checksum."""
+    """The tensor header, unchanged since version 1 of the protocol: 4-byte magic, version, dtype code, ndim, pad, nbytes, checksum."""
     assert wire.TENSOR.size == 4 + 1 + 1 + 1 + 1 + 8 + 8
     assert struct.unpack("!Q", _header_bytes(shape=(5,), nbytes=20)[wire.TENSOR.size :])[0] == 5
