@@ -51,6 +51,7 @@ from .batches import (
     ResultRow,
     batch_key,
     read_chunk,
+    read_chunk_header,
     write_results,
 )
 from .dispatcher import Dispatcher, backoff_s
@@ -106,9 +107,9 @@ class ItemRun:
 class RunningBatch:
     batch: Batch
     header: ChunkHeader
-    items: list[ChunkItem]
     tasks: list[UnitTask]
     ended: set[int]  # indexes whose row is written
+    items: list[ChunkItem] | None = None  # read once admission reaches this batch (memory stays bounded)
     next: int = 0  # the next index to admit
     live: dict[int, ItemRun] = field(default_factory=dict)
     cancelling: bool = False
@@ -122,6 +123,16 @@ class RunningBatch:
     @property
     def id(self) -> str:
         return self.batch.id
+
+    @property
+    def size(self) -> int:
+        return self.header.items
+
+    async def load(self) -> list[ChunkItem]:
+        """The chunk's items, read from its file the first time they are needed."""
+        if self.items is None:
+            _, self.items = await asyncio.to_thread(read_chunk, self.batch.spec.chunk)
+        return self.items
 
 
 @dataclass(eq=False)
@@ -210,9 +221,12 @@ class BatchRunner:
                     if entries:  # read: what is before the cursor is of no more use
                         await self.redis.xtrim(RUNNER_STREAM, minid=cursor)
                     backoff = 0.0
-                except RedisError as exc:
+                except Exception as exc:  # Redis went away, or a bug: start over from what Redis holds
                     backoff = min(max(2 * backoff, 0.2), 5.0)
-                    log.warning("batch runner: Redis failed (%s); resuming from Redis in %.1fs", exc, backoff)
+                    if isinstance(exc, RedisError):
+                        log.warning("batch runner: Redis failed (%s); resuming from Redis in %.1fs", exc, backoff)
+                    else:
+                        log.exception("batch runner failed; resuming from Redis in %.1fs", backoff)
                     self._forget_all()
                     cursor = None
                     await asyncio.sleep(backoff)  # the retry backoff
@@ -252,7 +266,7 @@ class BatchRunner:
         The outcomes taken in are recorded before new work goes out: a crash in between leaves
         items whose next node is ready and not in flight, which a restart sends (once)."""
         await self._fire_timers()
-        self._admit()
+        await self._admit()
         await self._commit()
         await self._flush()
         await self._commit()
@@ -270,18 +284,18 @@ class BatchRunner:
             await self.redis.srem(ACTIVE_KEY, batch_id)
             return None
         try:
-            header, items = await asyncio.to_thread(read_chunk, batch.spec.chunk)
+            header = await asyncio.to_thread(read_chunk_header, batch.spec.chunk)
             tasks = [unit_task_from_json(task) for task in header.tasks]
         except Exception as exc:  # an unreadable chunk, a unit task not installed here: the batch fails
             await self._end_batch(batch, BatchState.FAILED, f"cannot run batch {batch_id}: {exc}")
             return None
         ended = {int(index) for index in await self.redis.hkeys(batch_key(batch_id, "results"))}
-        running = RunningBatch(batch, header, items, tasks, ended, next=batch.admitted)
+        running = RunningBatch(batch, header, tasks, ended, next=batch.admitted)
         self.batches[batch_id] = running
         if batch.state is BatchState.QUEUED:
             await self.redis.hset(batch_key(batch_id), mapping={"state": BatchState.RUNNING.value,
                                                                 "started_at": repr(time.time())})
-        log.info("batch %s (%s): %d items, %d ended before", batch_id, batch.spec.label, len(items), len(ended))
+        log.info("batch %s (%s): %d items, %d ended before", batch_id, batch.spec.label, header.items, len(ended))
         return running
 
     async def _resume(self) -> None:
@@ -291,12 +305,14 @@ class BatchRunner:
             running = await self._start(_text(raw))
             if running is None:
                 continue
-            for index, raw_progress in (await self.redis.hgetall(batch_key(running.id, "items"))).items():
+            progress = await self.redis.hgetall(batch_key(running.id, "items"))
+            items = await running.load() if progress else []
+            for index, raw_progress in progress.items():
                 index = int(index)
-                if index in running.ended or index >= len(running.items):
+                if index in running.ended or index >= len(items):
                     continue
                 state = json.loads(raw_progress)
-                running.live[index] = ItemRun(running, running.items[index], state["started"], state["outputs"],
+                running.live[index] = ItemRun(running, items[index], state["started"], state["outputs"],
                                               {node: int(n) for node, n in state["attempts"].items()})
                 self.in_flight += 1
             for invocation_id, triples in (await self.redis.hgetall(batch_key(running.id, "inflight"))).items():
@@ -336,18 +352,18 @@ class BatchRunner:
         now = time.time()
         for run in list(running.live.values()):
             self._end_item(run, self._row(run, ItemState.CANCELLED, error="cancelled", at=now))
-        for item in running.items[running.next:]:
+        for item in (await running.load())[running.next:]:
             if item.i not in running.ended:
                 running.ended.add(item.i)
                 self.changes.rows.append((running, ResultRow(i=item.i, id=item.id, state=ItemState.CANCELLED,
                                                              error="cancelled")))
-        running.next = len(running.items)
+        running.next = running.size
         self.changes.admitted.add(running)
         await self._commit()
 
     async def _finish_batches(self) -> None:
         for running in list(self.batches.values()):
-            if running.live or running.next < len(running.items):
+            if running.live or running.next < running.size:
                 continue
             del self.batches[running.id]
             batch = await self.batch_store.load(running.id)
@@ -406,18 +422,24 @@ class BatchRunner:
 
     # -- items -----------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    async def _admit(self) -> None:
         """Admit items, oldest batch first, while fewer than `max_in_flight` are admitted."""
         now = time.time()
         for running in self.batches.values():
             if self.in_flight >= self.max_in_flight:
                 return
-            if running.cancelling or running.next >= len(running.items):
+            if running.cancelling or running.next >= running.size:
                 continue
+            try:
+                items = await running.load()
+            except Exception as exc:  # the chunk file went away or is damaged: the batch fails
+                del self.batches[running.id]
+                await self._end_batch(running.batch, BatchState.FAILED, f"cannot read chunk {running.batch.spec.chunk}: {exc}")
+                return
             self.changes.admitted.add(running)
             cap = running.batch.spec.max_in_flight or self.max_in_flight
-            while running.next < len(running.items) and self.in_flight < self.max_in_flight and len(running.live) < cap:
-                item = running.items[running.next]
+            while running.next < running.size and self.in_flight < self.max_in_flight and len(running.live) < cap:
+                item = items[running.next]
                 running.next += 1
                 if item.i in running.ended:
                     continue

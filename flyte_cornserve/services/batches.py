@@ -87,14 +87,16 @@ def write_chunk(path: str, header: ChunkHeader, items: list[ChunkItem]) -> str:
     return text
 
 
+def read_chunk_header(path: str) -> ChunkHeader:
+    """The chunk file's header alone (its first line)."""
+    with fsspec.open(path, "r") as source:
+        return _header(path, source.readline())
+
+
 def read_chunk(path: str) -> tuple[ChunkHeader, list[ChunkItem]]:
     with fsspec.open(path, "r") as source:
         lines = [line for line in source.read().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"chunk file {path} is empty")
-    header = ChunkHeader.model_validate_json(lines[0])
-    if header.format != CHUNK_FORMAT:
-        raise ValueError(f"chunk file {path} has format {header.format}; this version reads {CHUNK_FORMAT}")
+    header = _header(path, lines[0] if lines else "")
     items = [ChunkItem.model_validate_json(line) for line in lines[1:]]
     if len(items) != header.items or [item.i for item in items] != list(range(len(items))):
         raise ValueError(f"chunk file {path} is incomplete: its header announces {header.items} items, it holds {len(items)}")
@@ -129,6 +131,15 @@ class ResultRow(BaseModel):
         output = self.output or {}
         return {"id": self.id, **{name: output.get(name) for name in fields}, "error": self.error,
                 "state": self.state.value, "attempts": self.attempts, "latency_s": round(self.latency_s, 4)}
+
+
+def _header(path: str, line: str) -> ChunkHeader:
+    if not line.strip():
+        raise ValueError(f"chunk file {path} is empty")
+    header = ChunkHeader.model_validate_json(line)
+    if header.format != CHUNK_FORMAT:
+        raise ValueError(f"chunk file {path} has format {header.format}; this version reads {CHUNK_FORMAT}")
+    return header
 
 
 def write_results(path: str, fields: list[str], rows: list[ResultRow]) -> None:
