@@ -108,7 +108,7 @@ class PeakRss:
     so two runs of the same stack compare key by key. RSS counts shared pages (the sidecar's shared
     memory, libraries) in every process that maps them, so the sum overstates the machine's use."""
 
-    def __init__(self, roots: Callable[[], Iterable[int]] | Iterable[int], interval: float = 0.075) -> None:
+    def __init__(self, roots: Callable[[], Iterable[int]] | Iterable[int], interval: float = 0.2) -> None:
         self.roots = roots if callable(roots) else (lambda pids=tuple(roots): pids)
         self.interval = interval
         self.total = 0

@@ -96,9 +96,9 @@ class VLLMHandler(Handler):
             model=str(path), dtype="float32", enforce_eager=True, seed=0,
             max_model_len=min(self.max_model_len, text_config.max_position_embeddings),
             max_num_seqs=self.max_num_seqs, scheduling_policy="priority", disable_log_stats=True,
-            # the model in the engine-core process itself: vLLM's separate worker process spins on
-            # its queue for a second after each step, taking a core from the other executors
-            distributed_executor_backend="uni",
+            # every embedding is new (its id is unique): vLLM's cache of processed inputs would
+            # only grow with the number of requests served
+            mm_processor_cache_gb=0,
             **({"enable_mm_embeds": True, "limit_mm_per_prompt": {"image": 0}} if multimodal else {}),
         )
         self.engine = AsyncLLM.from_engine_args(engine_args)

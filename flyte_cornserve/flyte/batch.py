@@ -41,6 +41,7 @@ from flyte_cornserve.task import (
     Task,
     TaskDefinitionError,
     TaskInputError,
+    UnitTask,
     plan_of,
     task_from_reference,
     task_reference,
@@ -88,9 +89,9 @@ def plan_chunks(task: str, chunk_size: int, manifest: typing.Optional[FlyteFile]
     else:
         assert images is not None
         rows = image_rows(images, task_, prompt, image_field, prompt_field)
-    task_index: dict[str, int] = {}
+    task_index: dict[UnitTask, int] = {}
     items = [plan_item(task_, i, row, task_index) for i, row in enumerate(rows)]
-    tasks = [json.loads(key) for key in task_index]
+    tasks = [json.loads(unit.to_json()) for unit in task_index]
     _, output_model = task_.io_models()
     folder = pathlib.Path(FlyteContextManager.current_context().file_access.get_random_local_directory())
     chunks = []
@@ -104,7 +105,7 @@ def plan_chunks(task: str, chunk_size: int, manifest: typing.Optional[FlyteFile]
     return chunks
 
 
-def plan_item(task_: Task, i: int, row: dict[str, Any], task_index: dict[str, int]) -> ChunkItem:
+def plan_item(task_: Task, i: int, row: dict[str, Any], task_index: dict[UnitTask, int]) -> ChunkItem:
     """One request's plan, or the error that keeps it from running (its row says which)."""
     item_id = row.pop("id", None)
     if item_id is None or str(item_id) == "":

@@ -22,6 +22,8 @@ from .options import Resources, TaskOptions
 InputT = TypeVar("InputT", bound=TaskIO)
 OutputT = TypeVar("OutputT", bound=TaskIO)
 
+_io_models: dict[type, tuple[type[TaskIO], type[TaskIO]]] = {}  # per class: found once
+
 
 class Task(BaseModel, Generic[InputT, OutputT]):
     """A reusable unit of work with a Pydantic input and output."""
@@ -31,6 +33,13 @@ class Task(BaseModel, Generic[InputT, OutputT]):
     @classmethod
     def io_models(cls) -> tuple[type[TaskIO], type[TaskIO]]:
         """The (input, output) models bound by `Task[InputT, OutputT]` somewhere in the class's bases."""
+        found = _io_models.get(cls)
+        if found is None:
+            found = _io_models[cls] = cls._find_io_models()
+        return found
+
+    @classmethod
+    def _find_io_models(cls) -> tuple[type[TaskIO], type[TaskIO]]:
         for klass in cls.__mro__:
             meta = getattr(klass, "__pydantic_generic_metadata__", None)
             args = meta["args"] if meta else ()

@@ -18,6 +18,7 @@ from typing import Any
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
+from .base import UnitTask
 from .errors import TaskDefinitionError
 from .graph import TaskGraph
 from .placeholder import InputRef, OutputRef
@@ -80,13 +81,12 @@ class Plan(BaseModel):
     output: Template
 
 
-def plan_of(graph: TaskGraph, task_index: dict[str, int]) -> Plan:
-    """`graph` as a `Plan`. `task_index` maps a unit task's JSON to its index in the table the plan
-    refers to; a task not there yet is added (so one table serves many plans)."""
+def plan_of(graph: TaskGraph, task_index: dict[UnitTask, int]) -> Plan:
+    """`graph` as a `Plan`. `task_index` maps a unit task to its index in the table the plan refers
+    to; a task not there yet is added (so one table serves many plans)."""
     nodes = []
     for invocation in graph.invocations:
-        key = invocation.task.to_json()
-        index = task_index.setdefault(key, len(task_index))
+        index = task_index.setdefault(invocation.task, len(task_index))
         nodes.append(PlanNode(id=invocation.id, task=index, input=_template(invocation.input, invocation.id)))
     if graph.output is None:
         raise TaskDefinitionError(f"{type(graph.task).__name__}: the graph has no output (was it traced?)")

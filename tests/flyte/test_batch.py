@@ -344,3 +344,24 @@ def test_results_can_be_a_parquet_structured_dataset(use_module_stack, dataset, 
     assert results[4]["state"] == "ERROR" and "field 'prompt'" in results[4]["error"] and results[4]["text"] is None
     assert all(r["text"] == one_by_one[pathlib.Path(row["images"][0]).name]
                for row, r in zip(rows, results) if r["id"] != "row-0004")
+
+
+# -- a CSV manifest, and the batches in `cornserve status` ----------------------------------------------
+
+def test_a_csv_manifest_runs_and_cornserve_status_lists_the_batch(use_module_stack, dataset, one_by_one, tmp_path):
+    manifest = tmp_path / "requests.csv"
+    lines = ["id,images,prompt"] + [f"c{i},{dataset.images[i]},{PROMPT}" for i in range(6)]  # a cell: one image
+    lines.append(f'c6,"[""{dataset.images[6]}""]",{PROMPT}')  # a cell: a JSON array of images
+    lines.append(f"c7,{dataset.images[7]},")  # an empty prompt
+    manifest.write_text("\n".join(lines) + "\n")
+    results = read_rows(small_batch(manifest=str(manifest)).path)
+    assert [r["id"] for r in results] == [f"c{i}" for i in range(8)]
+    assert [r["text"] for r in results[:7]] == [one_by_one[dataset.images[i].name] for i in range(7)]
+    assert results[7]["state"] == "ERROR" and "field 'prompt'" in results[7]["error"]
+
+    status = subprocess.run([str(PYFLYTE.with_name("cornserve")), "status", "--invocations", "0"],
+                            env={**os.environ, ENV_URL: use_module_stack.url, "COLUMNS": "250"},
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    (row,) = [line for line in status.stdout.splitlines() if "MLLMTask tiny-llava" in line and "DONE" in line][:1]
+    assert [cell.strip() for cell in row.split("│")][4:8] == ["7", "1", "0", "8"]  # done, failed, cancelled, total

@@ -13,10 +13,10 @@ CAPTIONER = MLLMTask(model_id="tiny-llava")
 
 
 def test_a_plan_names_its_unit_tasks_and_where_each_output_goes() -> None:
-    table: dict[str, int] = {}
+    table: dict = {}
     plan = plan_of(trace(CAPTIONER, {"prompt": "hi", "images": ["/a.png", "/b.png"]}), table)
-    encoders = [n for n in plan.nodes if n.task == table[CAPTIONER.encoder.to_json()]]
-    (llm,) = [n for n in plan.nodes if n.task == table[CAPTIONER.llm.to_json()]]
+    encoders = [n for n in plan.nodes if n.task == table[CAPTIONER.encoder]]
+    (llm,) = [n for n in plan.nodes if n.task == table[CAPTIONER.llm]]
     assert [n.input.value for n in encoders] == [{"data": "/a.png"}, {"data": "/b.png"}]
     assert llm.input.needs == {n.id for n in encoders}
     assert llm.input.value["prompt"] == "hi"
@@ -29,10 +29,10 @@ def test_a_plan_names_its_unit_tasks_and_where_each_output_goes() -> None:
 
 
 def test_one_task_table_serves_many_plans_and_json_round_trips() -> None:
-    table: dict[str, int] = {}
+    table: dict = {}
     first = plan_of(trace(CAPTIONER, {"prompt": "a", "images": ["/a.png"]}), table)
     second = plan_of(trace(CAPTIONER, {"prompt": "b"}), table)  # text only: the LLM alone
-    assert len(table) == 2 and [n.task for n in second.nodes] == [table[CAPTIONER.llm.to_json()]]
+    assert len(table) == 2 and [n.task for n in second.nodes] == [table[CAPTIONER.llm]]
     assert Plan.model_validate_json(first.model_dump_json()) == first
 
 
