@@ -84,7 +84,6 @@ class VLLMHandler(Handler):
 
         for name, folder in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
             os.environ.setdefault(name, str(cornserve_home() / folder))
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         path = resolve_model(self.model_id)
         config = AutoConfig.from_pretrained(path)
         multimodal = hasattr(config, "vision_config")
@@ -92,9 +91,11 @@ class VLLMHandler(Handler):
         self.hidden_size = text_config.hidden_size
         self.image_tokens = int(getattr(config, "image_seq_length", 0)) if multimodal else 0
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        max_model_len = min(self.max_model_len, text_config.max_position_embeddings)
         engine_args = AsyncEngineArgs(
-            model=str(path), dtype="float32", enforce_eager=True, seed=0,
-            max_model_len=min(self.max_model_len, text_config.max_position_embeddings),
+            model=str(path), dtype="float32", enforce_eager=True, seed=0, max_model_len=max_model_len,
+            # what max_num_seqs full-length sequences need (VLLM_CPU_KVCACHE_SPACE, in GiB, overrides)
+            kv_cache_memory_bytes=kv_cache_bytes(text_config, self.max_num_seqs, max_model_len),
             max_num_seqs=self.max_num_seqs, scheduling_policy="priority", disable_log_stats=True,
             # every embedding is new (its id is unique): vLLM's cache of processed inputs would
             # only grow with the number of requests served
@@ -235,6 +236,17 @@ class VLLMHandler(Handler):
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
         return "<image>" * images + prompt
+
+
+def kv_cache_bytes(text_config: Any, sequences: int, tokens: int, dtype_bytes: int = 4) -> int:
+    """The KV cache `sequences` sequences of `tokens` tokens fill, plus a quarter (at least 64 MiB).
+    A blanket amount (VLLM_CPU_KVCACHE_SPACE GiB) is mostly more than that, and a long run touches
+    its pages one after the other: the engine's memory then grows with the number of requests."""
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    per_token = 2 * text_config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    return max(64 * 2**20, int(1.25 * sequences * tokens * per_token))
 
 
 async def _done(outcome: Outcome, final: bool) -> tuple[Outcome, bool]:

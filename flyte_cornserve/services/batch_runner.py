@@ -64,6 +64,7 @@ from .invocations import (
     Priority,
     State,
     _text,
+    events_key,
     invocation_key,
 )
 from .task_manager import TaskManager, describe
@@ -73,6 +74,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_IN_FLIGHT = 512
 DEFAULT_MICRO_BATCH = 64
 PROGRESS_EVERY_S = 0.25  # the longest a batch's watchers wait for news of progress
+ENDED_EVENTS_TTL_S = 3600  # a finished batch's events stream (its record stays BATCH_TTL_S)
+#: how long the record of a batch invocation whose outcomes the runner took in stays (its timing,
+#: for `cornserve status` and tests): Redis then holds only live work, whatever the dataset's size
+LANDED_RECORD_TTL_S = 600
 FIRST_ERRORS = 3  # how many item errors a failed batch's message quotes
 
 
@@ -403,7 +408,8 @@ class BatchRunner:
             if drop_results:  # the results file holds them, and a batch that is DONE never runs again
                 pipe.delete(batch_key(batch.id, "results"))
             pipe.xadd(batch_key(batch.id, "events"), {"state": state.value}, maxlen=EVENTS_MAXLEN, approximate=True)
-            for part in ("", "results", "events"):
+            pipe.expire(batch_key(batch.id, "events"), ENDED_EVENTS_TTL_S)  # its watchers have had the news
+            for part in ("", "results"):
                 pipe.expire(batch_key(batch.id, part), BATCH_TTL_S)
             await pipe.execute()
 
@@ -619,8 +625,10 @@ class BatchRunner:
                 for batch_id in {work.run.batch.id for work in flight.work}:
                     pipe.hdel(batch_key(batch_id, "inflight"), flight.id)
             await pipe.execute()
-        if changes.landed:  # read: the bulky input and output leave the record, which keeps its timing
+        if changes.landed:  # taken in: only the record's timing stays, for a while
             async with self.redis.pipeline(transaction=False) as pipe:
                 for flight in changes.landed:
                     pipe.hdel(invocation_key(flight.id), "input", "output")
+                    pipe.expire(invocation_key(flight.id), LANDED_RECORD_TTL_S)
+                    pipe.delete(events_key(flight.id))
                 await pipe.execute()
