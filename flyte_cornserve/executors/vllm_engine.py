@@ -1,9 +1,9 @@
 """The vLLM executor: one in-process vLLM engine serving many invocations at once.
 
 Each invocation becomes one engine request as soon as it arrives (the engine's continuous batching
-interleaves them); its request id is the invocation id. Interactive invocations get a higher
-priority than batch items, so the engine schedules them first (and preempts batch work for them
-when it is full). Image embeddings arrive as `TensorRef`s: their shape and dtype are checked against
+interleaves them). Interactive invocations come first: while one runs, the batch sequences in the
+engine are preempted (aborted, and generated again once it is done) and no batch item enters, so
+its steps are its own; and the engine schedules it at a higher priority. Image embeddings arrive as `TensorRef`s: their shape and dtype are checked against
 the model's config *before* the tensor is fetched from the sidecar or handed to the engine, because
 a wrong shape can take the engine down; a mismatch is that invocation's error. An embedding is
 released once the invocation's outcome is final (its text, or a user error): after a recoverable
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 from typing import Any, Protocol
 
@@ -76,6 +77,8 @@ class VLLMHandler(Handler):
         self._interactive = 0  # interactive requests in the engine: batch items wait to enter it
         self._batch_may_enter = asyncio.Event()
         self._batch_may_enter.set()
+        self._batch_requests: dict[str, str] = {}  # batch invocation id -> its engine request now
+        self._preempted: set[str] = set()  # engine requests of batch items stopped for interactive ones
 
     async def start(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -132,13 +135,13 @@ class VLLMHandler(Handler):
             self._aborted -= ids
 
     async def abort(self, invocation_ids: list[str]) -> None:
-        """Abort their engine requests (request id = invocation id). One not in the engine yet (its
-        embeddings still being fetched, its request being added) is stopped by `_generate` when it
-        gets there or at its first output."""
+        """Abort their engine requests (an interactive request's id is the invocation id, a batch
+        item's is its current one). One not in the engine yet (its embeddings still being fetched,
+        its request being added) is stopped by `_run` when it gets there or at its first output."""
         ids = [i for i in invocation_ids if i in self._handling]
         self._aborted.update(ids)
         if ids and self.engine is not None:
-            await self.engine.abort(ids)
+            await self.engine.abort([self._batch_requests.get(i, i) for i in ids])
 
     def _prepare(self, invocation: Invocation):
         """(request, sampling params), or the invocation's user error."""
@@ -189,32 +192,61 @@ class VLLMHandler(Handler):
             if tensors:
                 prompt["multi_modal_data"] = {"image": _stack(tensors, self.image_tokens, self.hidden_size)}
                 prompt["multi_modal_uuids"] = {"image": [ref.id for ref in request.embeddings]}  # vLLM need not hash
-            interactive = invocation.priority is Priority.INTERACTIVE
-            if not interactive:
-                await self._batch_may_enter.wait()  # batch yields: no new batch item while interactive ones run
-            if invocation.id in self._aborted:
-                return _aborted(0), False
-            last = None
-            generation = self.engine.generate(prompt, params, request_id=invocation.id,
-                                              priority=ENGINE_PRIORITY[invocation.priority])
-            if interactive:
-                self._interactive += 1
-                self._batch_may_enter.clear()
-            try:
-                async with contextlib.aclosing(generation) as outputs:
-                    async for last in outputs:
-                        if invocation.id in self._aborted:  # closing the stream aborts the request
-                            break
-            finally:
-                if interactive:
-                    self._interactive -= 1
-                    if not self._interactive:
-                        self._batch_may_enter.set()
-            if invocation.id in self._aborted or last is None or last.outputs[0].finish_reason == "abort":
-                return _aborted(len(last.outputs[0].token_ids) if last is not None else 0), False
-            return Outcome(output={"text": last.outputs[0].text}), True
+            if invocation.priority is Priority.INTERACTIVE:
+                return await self._interactive_generation(invocation, prompt, params)
+            return await self._batch_generation(invocation, prompt, params)
         except (ValueError, VLLMClientError) as exc:  # the request's own fault (prompt too long, ...)
             return Outcome.failed(str(exc)), True
+
+    async def _interactive_generation(self, invocation: Invocation, prompt: dict, params) -> tuple[Outcome, bool]:
+        """An interactive request has the engine to itself: batch sequences running in it are
+        preempted (aborted now, generated again from the start once it is done; greedy or seeded,
+        they give the same text), and no batch item enters until it ends."""
+        self._interactive += 1
+        self._batch_may_enter.clear()
+        try:
+            preempt = [request_id for request_id in self._batch_requests.values()]
+            self._preempted.update(preempt)
+            if preempt:
+                await self.engine.abort(preempt)
+            return await self._run(invocation, invocation.id, prompt, params)
+        finally:
+            self._interactive -= 1
+            if not self._interactive:
+                self._batch_may_enter.set()
+
+    async def _batch_generation(self, invocation: Invocation, prompt: dict, params) -> tuple[Outcome, bool]:
+        """A batch item enters the engine when no interactive request is in it, and again if one
+        preempted it."""
+        for turn in itertools.count():
+            await self._batch_may_enter.wait()
+            request_id = f"{invocation.id}~{turn}"
+            self._batch_requests[invocation.id] = request_id
+            try:
+                outcome, final = await self._run(invocation, request_id, prompt, params)
+            finally:
+                self._batch_requests.pop(invocation.id, None)
+            if request_id in self._preempted:
+                self._preempted.discard(request_id)
+                if not final and invocation.id not in self._aborted:
+                    continue  # stopped for an interactive request: run it again
+            return outcome, final
+        raise AssertionError("unreachable")
+
+    async def _run(self, invocation: Invocation, request_id: str, prompt: dict, params) -> tuple[Outcome, bool]:
+        """One engine request to its end: the text (final), or aborted (not final)."""
+        if invocation.id in self._aborted:
+            return _aborted(0), False
+        last = None
+        generation = self.engine.generate(prompt, params, request_id=request_id,
+                                          priority=ENGINE_PRIORITY[invocation.priority])
+        async with contextlib.aclosing(generation) as outputs:
+            async for last in outputs:
+                if invocation.id in self._aborted:  # closing the stream aborts the request
+                    break
+        if invocation.id in self._aborted or last is None or last.outputs[0].finish_reason == "abort":
+            return _aborted(len(last.outputs[0].token_ids) if last is not None else 0), False
+        return Outcome(output={"text": last.outputs[0].text}), True
 
     def _check(self, ref: TensorRef) -> None:
         if not self.image_tokens:

@@ -241,5 +241,7 @@ def test_interactive_work_is_served_before_queued_batch_work(services, redis_url
 
     done, records = run(scenario())
     assert done.state == State.DONE and all(r.state == State.DONE and r.items == per_invocation for r in records)
+    texts = {item["output"]["text"] for r in records for item in r.output["items"]}
+    assert len(texts) == 1  # batch items preempted for the interactive one were generated again, alike
     last = records[-1]  # queued before the interactive one was submitted, and still queued then
     assert done.created_at > last.created_at and done.started_at < last.started_at
