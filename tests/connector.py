@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 import subprocess
 import sys
 
 import grpc
+from flyteidl.core import literals_pb2
 from flyteidl.service import agent_pb2_grpc
 
 from flyte_cornserve.redis_server import ENV_URL
@@ -26,8 +28,9 @@ class ConnectorProcess:
     """The connector service of a stack; ready once its gRPC channel is (a socket, not a log line).
     Each gets its own Prometheus port: `pyflyte serve connector` exits if 9090 is taken."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, env: dict[str, str] | None = None) -> None:
         self.redis_url = redis_url
+        self.env = env or {}
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.channel: grpc.Channel | None = None
@@ -37,7 +40,7 @@ class ConnectorProcess:
         self.process = subprocess.Popen(
             [PYFLYTE, "serve", "connector", "--port", str(self.port), "--prometheus_port", str(free_port()),
              "--modules", "flyte_cornserve.flyte.connector"],
-            env={**os.environ, ENV_URL: self.redis_url}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env, ENV_URL: self.redis_url}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         grpc.channel_ready_future(self.channel).result(timeout=START_TIMEOUT_S)
@@ -54,3 +57,12 @@ class ConnectorProcess:
         """A new connector process on the same port (as a replica or a restarted pod would be)."""
         self.stop()
         self.start()
+
+
+def outputs_at(resource, output_prefix: pathlib.Path) -> literals_pb2.LiteralMap:
+    """A SUCCEEDED node's outputs the way Propeller reads them when `get()` returns none inline:
+    `outputs.pb` under the node's output prefix."""
+    assert not resource.outputs.literals, "outputs inline: Propeller would drop the node's deck"
+    outputs = literals_pb2.LiteralMap()
+    outputs.ParseFromString((output_prefix / "outputs.pb").read_bytes())
+    return outputs

@@ -97,14 +97,7 @@ class S3Server:
 
     def put(self, bucket: str, files: dict[str, bytes]) -> None:
         """Creates `bucket` (if it does not exist yet) and uploads `files` (key -> bytes) into it."""
-        client = botocore.session.Session().create_client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=self.env["AWS_DEFAULT_REGION"],
-            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
-            config=botocore.config.Config(retries={"max_attempts": 1}),
-        )
+        client = self._client()
         try:
             if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
                 client.create_bucket(Bucket=bucket)
@@ -112,6 +105,30 @@ class S3Server:
                 client.put_object(Bucket=bucket, Key=key, Body=data)
         finally:
             client.close()
+
+    def read(self, bucket: str, key: str) -> bytes:
+        client = self._client()
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        finally:
+            client.close()
+
+    @property
+    def flytekit_env(self) -> dict[str, str]:
+        """The same server and credentials for flytekit's data persistence (its own variables)."""
+        return {**self.env, "FLYTE_AWS_ENDPOINT": self.endpoint_url,
+                "FLYTE_AWS_ACCESS_KEY_ID": self.env["AWS_ACCESS_KEY_ID"],
+                "FLYTE_AWS_SECRET_ACCESS_KEY": self.env["AWS_SECRET_ACCESS_KEY"]}
+
+    def _client(self):
+        return botocore.session.Session().create_client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            config=botocore.config.Config(retries={"max_attempts": 1}),
+        )
 
 
 @contextmanager

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
+import socket
 
 import click
 
+from flyte_cornserve import phases
 from flyte_cornserve.descriptors import TaskExecutionDescriptor, descriptor_for
 from flyte_cornserve.models.resolve import ModelNotFoundError
 from flyte_cornserve.task import unit_task_from_json
@@ -32,10 +35,13 @@ def make_handler(descriptor: TaskExecutionDescriptor, store) -> Handler:
 @click.command("executor")
 @click.option("--task", "task_json", required=True, help="the unit task, as UnitTask.to_json() writes it")
 @click.option("--executor-id", default=None, help="consumer name in the deployment's group (default host-pid)")
-@click.option("--metrics-port", type=int, default=None, help="serve /metrics and /healthz on 127.0.0.1:PORT")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="serve Prometheus /metrics on PORT [default: a free port]; on 127.0.0.1 unless "
+                   "$CORNSERVE_METRICS_HOST says otherwise; advertised in Redis (`cornserve status` lists it)")
 def executor(task_json: str, executor_id: str | None, metrics_port: int | None) -> None:
     """Serve one deployment: load the model once, then take invocations from its queue until SIGTERM."""
     from flyte_cornserve.redis_server import connect_async, redis_url
+    from flyte_cornserve.services.control import PhaseReporter
     from flyte_cornserve.sidecar.client import SidecarClient
 
     from .runtime import ExecutorRuntime, install_signal_handlers
@@ -43,6 +49,10 @@ def executor(task_json: str, executor_id: str | None, metrics_port: int | None) 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     task = unit_task_from_json(task_json)
     descriptor = descriptor_for(task)
+    executor_id = executor_id or f"{socket.gethostname()}-{os.getpid()}"  # the runtime's default too
+    # the start-up phases the handler marks (`with phase(...)`) become the deployment's message
+    reporter = PhaseReporter(redis_url(), task.deployment_id(), executor_id)
+    phases.set_reporter(reporter)
 
     async def serve() -> None:
         runtime = ExecutorRuntime(
@@ -56,3 +66,6 @@ def executor(task_json: str, executor_id: str | None, metrics_port: int | None) 
         asyncio.run(serve())
     except ModelNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        phases.set_reporter(None)
+        reporter.close()

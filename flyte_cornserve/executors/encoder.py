@@ -17,7 +17,9 @@ from pydantic import ValidationError
 
 from flyte_cornserve.descriptors import TaskExecutionDescriptor
 from flyte_cornserve.models import resolve_model
-from flyte_cornserve.services.invocations import ErrorKind, Invocation, Outcome
+from flyte_cornserve.phases import LOADING_WEIGHTS, phase
+from flyte_cornserve.services.invocations import ErrorKind, Invocation, Outcome, Priority
+from flyte_cornserve.sidecar.client import Transfer
 from flyte_cornserve.task import TensorRef
 
 from .handler import Handler
@@ -27,7 +29,7 @@ from .media import MediaError, read_bytes
 class TensorStore(Protocol):
     """The part of the sidecar client an encoder needs."""
 
-    def put_many(self, tensors: list[Any]) -> list[TensorRef]: ...
+    def put_many(self, tensors: list[Any], *, trace: list[Transfer] | None = None) -> list[TensorRef]: ...
 
 
 class BadItem(ValueError):
@@ -71,21 +73,24 @@ class EncoderHandler(Handler):
         self._encode = await asyncio.to_thread(self._load)
 
     def _load(self):
-        import torch
-        from transformers import AutoConfig
-
+        """Phases: building the model (a tiny one, on first use), loading weights. No warm-up: the
+        first encode costs a few milliseconds more than the next ones, not worth a phase."""
         path = resolve_model(self.model_id)
-        config = AutoConfig.from_pretrained(path)
-        torch.set_grad_enabled(False)
-        # One thread: batches of small images gain little from more, and a second OpenMP thread
-        # sharing a core with another busy process (vLLM's worker spins between its steps) stalls
-        # every parallel region at its barrier: an encode took 90 ms instead of 5.
-        torch.set_num_threads(1)
-        if self.modality == "text":
-            return _text_encoder(path)
-        if hasattr(config, "vision_config") and hasattr(config, "text_config"):
-            return _llava_vision_encoder(path)
-        return _plain_vision_encoder(path)
+        with phase(LOADING_WEIGHTS):
+            import torch
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path)
+            torch.set_grad_enabled(False)
+            # One thread: batches of small images gain little from more, and a second OpenMP thread
+            # sharing a core with another busy process (vLLM's worker spins between its steps) stalls
+            # every parallel region at its barrier: an encode took 90 ms instead of 5.
+            torch.set_num_threads(1)
+            if self.modality == "text":
+                return _text_encoder(path)
+            if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+                return _llava_vision_encoder(path)
+            return _plain_vision_encoder(path)
 
     async def handle(self, batch: list[Invocation]) -> list[Outcome]:
         return await asyncio.to_thread(self._handle, batch)  # fetching, decoding, encoding: off the loop
@@ -102,9 +107,13 @@ class EncoderHandler(Handler):
             except BadItem as exc:
                 outcomes[i] = Outcome.failed(str(exc), exc.kind)
         if items:
-            refs = self.store.put_many([tensor.contiguous() for tensor in self._encode(list(items.values()))])
-            for i, ref in zip(items, refs, strict=True):
-                outcomes[i] = Outcome(output={"embeddings": ref.model_dump(mode="json")})
+            trace: list[Transfer] = []
+            refs = self.store.put_many([tensor.contiguous() for tensor in self._encode(list(items.values()))],
+                                       trace=trace)
+            for (i, ref), transfer in zip(zip(items, refs, strict=True), trace, strict=True):
+                # an interactive invocation's outcome keeps its tensor's transfer, for its deck
+                kept = (transfer.to_json(),) if batch[i].priority is Priority.INTERACTIVE else ()
+                outcomes[i] = Outcome(output={"embeddings": ref.model_dump(mode="json")}, transfers=kept)
         return outcomes  # type: ignore[return-value]
 
 

@@ -6,7 +6,7 @@ fill), keeps up to `max_in_flight` items running (a batch invocation brings many
 outcome before acknowledging it, heartbeats, takes over the entries of executors whose heartbeat is
 gone (running each at most `max_attempts` times in all), watches what it runs and aborts what
 someone else ended meanwhile (cancelled, timed out), drains on SIGTERM, and serves /metrics
-(Prometheus) and /healthz.
+(Prometheus; advertised in Redis under `executor:<id>`, see `flyte_cornserve.metrics`).
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from flyte_cornserve.metrics import ExecutorMetrics, MetricsServer, advertise, endpoint, serve, withdraw
 from flyte_cornserve.services.invocations import (
     GROUP,
     MAX_BLOCK_S,
@@ -39,6 +37,7 @@ from flyte_cornserve.services.invocations import (
     events_key,
     queue_key,
 )
+from flyte_cornserve.sidecar.directory import default_sidecar_id
 
 from .handler import Handler
 
@@ -58,21 +57,6 @@ def wake_key(executor_id: str) -> str:
     return f"cornserve:executor:{executor_id}:wake"
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.queue_depth = Gauge("cornserve_queue_depth", "invocations queued, not yet delivered", registry=self.registry)
-        self.in_flight = Gauge("cornserve_in_flight", "items being handled", registry=self.registry)
-        self.batch_size = Histogram("cornserve_batch_size", "items per batch", registry=self.registry,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.latency = Histogram("cornserve_invocation_seconds", "time from pick-up to stored outcome",
-                                 registry=self.registry)
-        self.outcomes = Counter("cornserve_invocations", "outcomes stored", ["state"], registry=self.registry)
-        self.aborted = Counter("cornserve_aborted", "invocations given up while running here because someone "
-                               "else ended them (state CANCELLED: cancelled, ERROR: timed out)", ["state"],
-                               registry=self.registry)
-
-
 class ExecutorRuntime:
     def __init__(self, client: aioredis.Redis, deployment_id: str, handler: Handler, executor_id: str | None = None,
                  heartbeat_s: float = 1.0, metrics_port: int | None = None) -> None:
@@ -81,15 +65,18 @@ class ExecutorRuntime:
         self.deployment_id = deployment_id
         self.handler = handler
         self.executor_id = executor_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.node = default_sidecar_id()  # the node it runs on, as its sidecar names it
         self.heartbeat_s = heartbeat_s
-        self.metrics = Metrics()
-        self.metrics_port = metrics_port
+        self.metrics = ExecutorMetrics(deployment_id, self.executor_id)
+        self.metrics_port = metrics_port  # None: an ephemeral port (the bound one once serving)
+        self._metrics_server: MetricsServer | None = None
+        self._metrics_name = f"executor:{self.executor_id}"  # its field in the metrics hash
+        self._metrics_since = time.time()
         self._stopping = asyncio.Event()
         self._closing = asyncio.Event()  # run() is ending: its background loops return
         self._in_flight = 0  # items reserved by a read and not yet finished
         self._capacity = asyncio.Condition()
         self._running: set[asyncio.Task] = set()
-        self._healthy = False
         # The watcher: admitted invocations' events streams (id -> last entry read), those it found
         # ended by someone else (id -> that state) until their batch lets go of them, and those
         # inside `handler.handle()` right now (only those are passed to `handler.abort()`).
@@ -112,19 +99,19 @@ class ExecutorRuntime:
 
     async def run(self) -> None:
         await self.store.ensure_queue(self.deployment_id)
+        # first: a port in use fails before the model loads
+        self._metrics_server = serve(self.metrics.registry, self.metrics_port or 0)
+        self.metrics_port = self._metrics_server.port
         await self.handler.start()
-        await self._heartbeat_once()
+        await self._heartbeat_once()  # also advertises the metrics endpoint
         background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaim()),
                       asyncio.create_task(self._watch()), asyncio.create_task(self._listen_interactive())]
-        server = self._serve_http() if self.metrics_port is not None else None
-        self._healthy = True
         log.info("executor %s serving %s", self.executor_id, self.deployment_id)
         try:
             await self._consume()
             if self._running:
                 await asyncio.wait(self._running)
         finally:
-            self._healthy = False
             # Cancelling alone is not enough: redis-py 8 sometimes swallows a cancellation that
             # lands mid-command, and the task would go on. Each loop also returns once it sees this.
             self._closing.set()
@@ -133,9 +120,9 @@ class ExecutorRuntime:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self.redis.delete(executor_key(self.executor_id), wake_key(self.executor_id))
+            await withdraw(self.redis, self._metrics_name)
             await self.handler.stop()
-            if server is not None:
-                server.shutdown()
+            self._metrics_server.close()
 
     async def _consume(self) -> None:
         backoff = 0.0
@@ -255,11 +242,11 @@ class ExecutorRuntime:
                     await self._release(entry.items)
                     continue
                 batch.append(invocation)
+                self._observe_queue_wait(invocation)
             if not batch:
                 return
             items = {invocation.id: invocation.item_invocations() for invocation in batch}
             count = sum(len(parts) for parts in items.values())
-            self.metrics.batch_size.observe(count)
             self.metrics.in_flight.inc(count)
             await self._start_watching(batch)
             live = [invocation for invocation in batch if invocation.id not in self._ended]  # ended meanwhile
@@ -290,7 +277,7 @@ class ExecutorRuntime:
                 else:
                     outcome = invocation.combine([by_item[item.id] for item in parts])
                     if await self.store.finish(invocation, outcome):
-                        self.metrics.outcomes.labels(outcome.state.value).inc()
+                        self.metrics.ended(outcome.state.value, outcome.kind.value)
                         self.metrics.latency.observe(time.monotonic() - started)
                     else:
                         log.info("invocation %s ended elsewhere as it finished here; its outcome is dropped", invocation.id)
@@ -311,29 +298,41 @@ class ExecutorRuntime:
         size = max(1, self.handler.max_batch_size)
         outcomes: list[Outcome] = []
         for start in range(0, len(work), size):
+            self.metrics.batch_size.observe(len(work[start:start + size]))
             outcomes += await self.handler.handle(work[start:start + size])
         return outcomes
+
+    def _observe_queue_wait(self, invocation: Invocation) -> None:
+        """Time queued, from the queue entry's id (milliseconds when Redis added it) to now; first
+        attempts only (a reclaimed entry keeps its id)."""
+        if invocation.attempt == 1 and invocation.entry_id:
+            queued_ms = int(invocation.entry_id.partition("-")[0])
+            self.metrics.queue_wait.observe(max(0.0, time.time() - queued_ms / 1000))
 
     async def _admit(self, invocation: Invocation) -> bool:
         """Mark it RUNNING here, unless it was cancelled, already finished, is past its deadline, or
         has had all its attempts (each executor that died while running it took one)."""
         if invocation.deadline is not None and time.time() > invocation.deadline:
             if await self.store.start(invocation, self.executor_id):
-                await self.store.finish(invocation, Outcome.failed("timed out before it ran", ErrorKind.RECOVERABLE))
+                if await self.store.finish(invocation, Outcome.failed("timed out before it ran", ErrorKind.RECOVERABLE)):
+                    self.metrics.ended(State.ERROR.value, ErrorKind.RECOVERABLE.value)
             else:
                 await self.store.acknowledge(invocation)
             return False
-        if not await self.store.start(invocation, self.executor_id):
+        note = "" if invocation.attempt <= 1 else (
+            f"attempt {invocation.attempt}: the executor that ran it before stopped heartbeating (died)")
+        if not await self.store.start(invocation, self.executor_id, node=self.node, note=note):
             await self.store.acknowledge(invocation)
             return False
         if invocation.attempt > 1 and invocation.attempt > invocation.max_attempts:
             ran = invocation.attempt - 1
             log.warning("invocation %s: an executor died while running it, attempt %d of %d; not running it again",
                         invocation.id, ran, invocation.max_attempts)
-            await self.store.finish(invocation, Outcome.failed(
+            if await self.store.finish(invocation, Outcome.failed(
                 f"executor died while running it (attempt {ran} of {invocation.max_attempts}); no attempt left",
                 ErrorKind.RECOVERABLE,
-            ))
+            )):
+                self.metrics.ended(State.ERROR.value, ErrorKind.RECOVERABLE.value)
             return False
         return True
 
@@ -406,7 +405,7 @@ class ExecutorRuntime:
         for invocation_id, state in ended.items():
             del self._watched[invocation_id]
             self._ended[invocation_id] = state
-            self.metrics.aborted.labels(state.value).inc()
+            self.metrics.gave_up(state.value)
             log.warning("invocation %s ended elsewhere (%s) while running here: aborting it", invocation_id, state.value)
             running += [item for item in self._items.get(invocation_id, ()) if item in self._handling]
         if running:
@@ -419,6 +418,9 @@ class ExecutorRuntime:
         info = {"deployment_id": self.deployment_id, "pid": os.getpid(), "host": socket.gethostname()}
         await self.redis.set(executor_key(self.executor_id), json.dumps(info), px=int(self.heartbeat_s * 3000))
         self.metrics.queue_depth.set(await self.store.queue_depth(self.deployment_id))
+        if self._metrics_server is not None:  # again each beat: an entry outlives a Redis restart
+            await advertise(self.redis, endpoint(self._metrics_name, "executor", self._metrics_server,
+                                                 executor_key(self.executor_id), self._metrics_since))
 
     async def _closed_within(self, seconds: float) -> bool:
         """Wait `seconds` (a period: the heartbeat's, not a race workaround), or less if `run()` is
@@ -463,30 +465,6 @@ class ExecutorRuntime:
                         self._in_flight += entry.items
                         self._spawn([entry])
                 await self.redis.xgroup_delconsumer(queue, GROUP, name)
-
-    def _serve_http(self) -> ThreadingHTTPServer:
-        runtime = self
-
-        class Endpoints(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                if self.path == "/metrics":
-                    body, status = generate_latest(runtime.metrics.registry), 200
-                elif self.path == "/healthz":
-                    body, status = (b"ok\n", 200) if runtime._healthy else (b"starting or stopping\n", 503)
-                else:
-                    body, status = b"not found\n", 404
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", self.metrics_port), Endpoints)
-        self.metrics_port = server.server_address[1]
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
 
 
 def install_signal_handlers(runtime: ExecutorRuntime) -> None:

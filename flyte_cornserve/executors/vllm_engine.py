@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 from typing import Any, Protocol
@@ -25,7 +26,9 @@ from pydantic import ValidationError
 from flyte_cornserve.descriptors import TaskExecutionDescriptor
 from flyte_cornserve.home import cornserve_home
 from flyte_cornserve.models import resolve_model
+from flyte_cornserve.phases import STARTING_ENGINE, phase
 from flyte_cornserve.services.invocations import ErrorKind, Invocation, Outcome, Priority
+from flyte_cornserve.sidecar.client import Transfer
 from flyte_cornserve.sidecar.errors import SidecarError
 from flyte_cornserve.task import TensorRef
 
@@ -40,7 +43,7 @@ class TensorSource(Protocol):
 
     def get(self, ref: TensorRef, *, timeout: float) -> Any: ...
 
-    def get_many(self, refs: list[TensorRef], *, timeout: float) -> list[Any]: ...
+    def get_many(self, refs: list[TensorRef], *, timeout: float, trace: list[Transfer] | None = None) -> list[Any]: ...
 
     def release_many(self, refs: list[TensorRef]) -> None: ...
 
@@ -81,13 +84,22 @@ class VLLMHandler(Handler):
         self._preempted: set[str] = set()  # engine requests of batch items stopped for interactive ones
 
     async def start(self) -> None:
+        """Phases: building the model (a tiny one, on first use), starting the engine. vLLM loads
+        the weights in its engine core's worker process, inside the engine's start, where nothing
+        here can mark it (for the tiny models it takes 0.01 s of about 30 s, most of them spent
+        importing vLLM in the new processes). No warm-up: eager mode compiles nothing, and the first
+        request takes tens of milliseconds more than the next ones."""
+        for name, folder in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+            os.environ.setdefault(name, str(cornserve_home() / folder))
+        path = resolve_model(self.model_id)
+        with phase(STARTING_ENGINE):
+            self.engine = self._start_engine(path)
+
+    def _start_engine(self, path):
         from transformers import AutoConfig, AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        for name, folder in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
-            os.environ.setdefault(name, str(cornserve_home() / folder))
-        path = resolve_model(self.model_id)
         config = AutoConfig.from_pretrained(path)
         multimodal = hasattr(config, "vision_config")
         text_config = config.text_config if multimodal else config
@@ -105,7 +117,7 @@ class VLLMHandler(Handler):
             mm_processor_cache_gb=0,
             **({"enable_mm_embeds": True, "limit_mm_per_prompt": {"image": 0}} if multimodal else {}),
         )
-        self.engine = AsyncLLM.from_engine_args(engine_args)
+        return AsyncLLM.from_engine_args(engine_args)
 
     async def stop(self) -> None:
         if self.engine is not None:
@@ -120,7 +132,8 @@ class VLLMHandler(Handler):
         try:
             prepared = [self._prepare(invocation) for invocation in batch]
             wanted = [ref for item in prepared if not isinstance(item, Outcome) for ref in item[0].embeddings]
-            fetched = await asyncio.to_thread(self._fetch, wanted)
+            trace: list[Transfer] = []
+            fetched = await asyncio.to_thread(self._fetch, wanted, trace)
             results = await asyncio.gather(*(
                 self._generate(invocation, item, fetched) if not isinstance(item, Outcome) else _done(item, False)
                 for invocation, item in zip(batch, prepared)
@@ -129,7 +142,8 @@ class VLLMHandler(Handler):
                      for ref in item[0].embeddings if not isinstance(fetched.get(ref.id), Exception)]
             if final:
                 await asyncio.to_thread(self.store.release_many, final)
-            return [outcome for outcome, _ in results]
+            return [_with_transfers(outcome, invocation, item, trace)
+                    for (outcome, _), invocation, item in zip(results, batch, prepared)]
         finally:
             self._handling -= ids
             self._aborted -= ids
@@ -163,12 +177,13 @@ class VLLMHandler(Handler):
             return Outcome.failed(f"invalid input: {exc}")
         return request, params
 
-    def _fetch(self, refs: list[TensorRef]) -> dict[str, Any]:
+    def _fetch(self, refs: list[TensorRef], trace: list[Transfer]) -> dict[str, Any]:
         """Each ref's tensor, or the error that kept it away (that item's alone): together if they can."""
         if not refs:
             return {}
         try:
-            return dict(zip((ref.id for ref in refs), self.store.get_many(refs, timeout=FETCH_TIMEOUT_S), strict=True))
+            return dict(zip((ref.id for ref in refs), self.store.get_many(refs, timeout=FETCH_TIMEOUT_S, trace=trace),
+                            strict=True))
         except (TimeoutError, SidecarError):
             found: dict[str, Any] = {}
             for ref in refs:  # one by one, to know which
@@ -279,6 +294,15 @@ def kv_cache_bytes(text_config: Any, sequences: int, tokens: int, dtype_bytes: i
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     per_token = 2 * text_config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
     return max(64 * 2**20, int(1.25 * sequences * tokens * per_token))
+
+
+def _with_transfers(outcome: Outcome, invocation: Invocation, prepared, trace: list[Transfer]) -> Outcome:
+    """An interactive invocation's outcome carries the tensors it read, for its deck (batch items'
+    outcomes are folded into their batch invocation's, which keeps none)."""
+    if invocation.priority is not Priority.INTERACTIVE or isinstance(prepared, Outcome) or not trace:
+        return outcome
+    mine = {ref.id for ref in prepared[0].embeddings}
+    return dataclasses.replace(outcome, transfers=tuple(t.to_json() for t in trace if t.id in mine))
 
 
 async def _done(outcome: Outcome, final: bool) -> tuple[Outcome, bool]:

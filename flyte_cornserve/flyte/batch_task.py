@@ -17,6 +17,7 @@ once on the embedded stack, as Propeller would run them in parallel, with one pr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import pathlib
 import sys
@@ -38,6 +39,7 @@ from flytekit.models.literals import LiteralCollection, LiteralMap
 from flytekit.types.file import FlyteFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from flyte_cornserve.decks.render import render_chunk
 from flyte_cornserve.redis_server import connect_async
 from flyte_cornserve.services.batches import FINISHED, Batch, BatchSpec, BatchState, BatchStore, read_chunk
 from flyte_cornserve.services.dispatcher import Dispatcher
@@ -45,6 +47,7 @@ from flyte_cornserve.services.stack import ensure_stack
 from flyte_cornserve.task import unit_task_from_json
 from flyte_cornserve.task.options import DEFAULT_RETRIES
 
+from . import decks
 from .progress import BatchProgress, ProgressLine
 
 BATCH_TASK_TYPE = "cornserve_batch"
@@ -113,6 +116,7 @@ class CornserveBatchTask(PythonTask):
             name=name,
             interface=Interface(inputs={"chunk": HashedChunk}, outputs={"o0": ChunkResult}),
             metadata=TaskMetadata(retries=options.retries, cache=options.cache, cache_version=options.cache_version),
+            enable_deck=True,  # the template's `generates_deck`: Propeller shows the deck the connector writes
         )
         self.label = label
         self.options = options
@@ -124,6 +128,9 @@ class CornserveBatchTask(PythonTask):
     def execute(self, **kwargs: Any) -> ChunkResult:
         """Local `pyflyte run` of one chunk (the fan-out runs all of its chunks together)."""
         return run_chunks_locally(self, [kwargs["chunk"]])[0]
+
+    def _write_decks(self, native_inputs: Any, native_outputs_as_map: Any, ctx: Any, new_user_params: Any) -> None:
+        """`run_chunks_locally` has written the chunk's deck already."""
 
 
 class ChunkFanOut(ArrayNode):
@@ -183,13 +190,27 @@ def fan_out(label: str, reference: str, options: BatchOptions) -> ChunkFanOut:
 
 # -- running chunks on the embedded stack -------------------------------------------------------------
 
+async def _write_decks(store: BatchStore, batches: list[Batch], folder: pathlib.Path) -> None:
+    """A local run's chunk decks, one file per chunk, and where they are."""
+    paths = []
+    for k, batch in enumerate(batches):
+        path = folder / f"deck-{k:05d}.html"
+        view = await decks.chunk_view(store, batch)
+        links = await decks.chunk_links(store.redis, view)
+        path.write_text(render_chunk(dataclasses.replace(view, links=links)))
+        paths.append(path)
+    if paths:
+        where = f"file://{paths[0]}" if len(paths) == 1 else f"file://{folder}/deck-*.html ({len(paths)} chunks)"
+        print(f"cornserve: {batches[0].spec.label}: deck at {where}", file=sys.stderr, flush=True)
+
+
 def run_chunks_locally(task: CornserveBatchTask, chunks: list[BatchChunk]) -> list[ChunkResult]:
     """Run the chunks on this machine's stack (started if needed) and wait for all of them, with a
     progress bar; Ctrl-C cancels them. Raises if one fails (below its min_success_ratio)."""
     line = ProgressLine()
     try:
         url = ensure_stack(line.update)
-        asyncio.run(_deploy([file_uri(chunk.rows) for chunk in chunks[:1]], url, line.update))
+        asyncio.run(_deploy([file_uri(chunk.rows) for chunk in chunks[:1]], url, line))
     finally:
         line.close()
     ctx = FlyteContextManager.current_context()
@@ -198,7 +219,7 @@ def run_chunks_locally(task: CornserveBatchTask, chunks: list[BatchChunk]) -> li
     specs = [BatchSpec(chunk=file_uri(chunk.rows), results=path, items=chunk.items, label=task.label,
                        min_success_ratio=task.options.min_success_ratio, max_in_flight=task.options.max_in_flight)
              for chunk, path in zip(chunks, results)]
-    batches = asyncio.run(_run(url, specs))
+    batches = asyncio.run(_run(url, specs, folder))
     failed = [batch for batch in batches if batch.state is not BatchState.DONE]
     if failed:
         raise RuntimeError(f"{task.label}: chunk batch {failed[0].id} {failed[0].state.value.lower()}: {failed[0].message}")
@@ -216,7 +237,8 @@ async def _deploy(chunk_files: list[str], url: str, progress) -> None:
             await dispatcher.deploy(await dispatcher.route(unit_task_from_json(task)), progress)
 
 
-async def _run(url: str, specs: list[BatchSpec]) -> list[Batch]:
+async def _run(url: str, specs: list[BatchSpec], folder: pathlib.Path) -> list[Batch]:
+    """Run the chunks as batches; once they end, write their decks into `folder`."""
     store = BatchStore(connect_async(url))
     ids = [await store.create(spec) for spec in specs]
     progress = BatchProgress(specs[0].label if specs else "batch", sum(spec.items for spec in specs), file=sys.stderr)
@@ -226,7 +248,9 @@ async def _run(url: str, specs: list[BatchSpec]) -> list[Batch]:
             batches = [await store.load(batch_id) for batch_id in ids]
             progress.update(sum(b.done for b in batches if b), sum(b.failed + b.cancelled for b in batches if b))
             if all(b is None or b.state in FINISHED for b in batches):
-                return [b for b in batches if b is not None]
+                ended = [b for b in batches if b is not None]
+                await _write_decks(store, ended, folder)
+                return ended
             last = await store.wait(ids, timeout_s=2.0, last=last)
     except asyncio.CancelledError:  # Ctrl-C: the batches stop too
         for batch_id in ids:

@@ -2,9 +2,11 @@
 
 On a cluster, FlytePropeller calls it through `pyflyte serve connector --modules
 flyte_cornserve.flyte.connector`: `create()` validates the input, deploys the unit task on first
-use and enqueues the invocation; `get()` maps its state to a Flyte phase and returns the outputs as
-literals (a `TensorRef` stays metadata); `delete()` cancels it. A recoverable failure (executor
-died, timeout) is RETRYABLE_FAILED, so Flyte's retries apply; a user error is FAILED.
+use and enqueues the invocation; `get()` maps its state to a Flyte phase, rewrites the node's deck
+(`decks`) and the log links, and at the end writes the outputs as literals to `outputs.pb` under
+the output prefix (a `TensorRef` stays metadata), where Propeller reads them and keeps the deck;
+`delete()` cancels it. A recoverable failure (executor died, timeout) is RETRYABLE_FAILED, so
+Flyte's retries apply; a user error is FAILED.
 
 In a local `pyflyte run`, `CornserveTask.execute()` calls `run_locally()`: the same dispatcher,
 in-process, waiting on Redis for the outcome instead of flytekit's 1 s polling, and enforcing the
@@ -15,28 +17,35 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from flyteidl.core.execution_pb2 import TaskExecution
-from flytekit import FlyteContextManager
+from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
+from flytekit import Deck, FlyteContextManager
 from flytekit.core.type_engine import TypeEngine
 from flytekit.extend.backend.base_connector import AsyncConnectorBase, ConnectorRegistry, Resource, ResourceMeta
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskTemplate
 
+from flyte_cornserve.decks.render import render_unit
+
 from flyte_cornserve.descriptors import descriptor_for
 from flyte_cornserve.redis_server import connect_async
 from flyte_cornserve.services.control import ControlPlaneError
 from flyte_cornserve.services.dispatcher import Dispatcher, InvocationFailed, Submission, failure_of
-from flyte_cornserve.services.invocations import TERMINAL, ErrorKind, State
+from flyte_cornserve.services.invocations import TERMINAL, ErrorKind, Record, State
 from flyte_cornserve.services.stack import ensure_stack
+from flyte_cornserve.services.task_manager import describe
 from flyte_cornserve.task import TaskInputError, UnitTask, unit_task_from_json
 
+from . import decks
 from .progress import ProgressLine
 from .unit_task import TASK_TYPE
+
+log = logging.getLogger(__name__)
 
 _PHASES = {
     State.CREATED: TaskExecution.QUEUED,
@@ -55,6 +64,7 @@ class CornserveMetadata(ResourceMeta):
     invocation_id: str = ""
     task: str = ""  # the unit task that serves it (the routing candidate), as JSON
     error: str = ""  # refused at create() (bad input, a deployment that does not fit): get() fails it
+    output_prefix: str = ""  # where the outputs and the deck go ("": outputs inline, no deck)
 
 
 class CornserveConnector(AsyncConnectorBase):
@@ -76,7 +86,8 @@ class CornserveConnector(AsyncConnectorBase):
             submission = await (await _dispatcher()).submit(unit_task, request, wait_ready=False)
         except (TaskInputError, ValueError, TypeError, ControlPlaneError) as exc:  # retrying cannot help
             return CornserveMetadata(error=str(exc))
-        return CornserveMetadata(invocation_id=submission.invocation_id, task=submission.task.to_json())
+        return CornserveMetadata(invocation_id=submission.invocation_id, task=submission.task.to_json(),
+                                 output_prefix=output_prefix or "")
 
     async def get(self, resource_meta: CornserveMetadata, **kwargs: Any) -> Resource:
         if resource_meta.error:
@@ -87,18 +98,35 @@ class CornserveConnector(AsyncConnectorBase):
             await dispatcher.store.time_out(record.id, record.deadline - record.created_at)
             record = await dispatcher.store.record(record.id)
         task = unit_task_from_json(resource_meta.task)
+        prefix = resource_meta.output_prefix
+        links = await decks.log_links(dispatcher.redis, _executors_of(record)) + decks.deck_link(prefix)
+        log_links = [TaskLog(uri=link.uri, name=link.name) for link in links]
+        if prefix:  # the deck first: Propeller keeps it only if it is there when the node succeeds
+            view = await decks.unit_view(dispatcher.store, task, [record.id], links)
+            await decks.write_deck(prefix, render_unit(view))
         if record.state is State.DONE:
             output = descriptor_for(task).decode_response(record.output or {})
-            return Resource(phase=TaskExecution.SUCCEEDED, message="done", outputs=await _literals(output))
+            literals = await _literals(output)
+            if not prefix:
+                return Resource(phase=TaskExecution.SUCCEEDED, message="done", outputs=literals, log_links=log_links)
+            await decks.write_outputs(prefix, literals)
+            return Resource(phase=TaskExecution.SUCCEEDED, message="done", log_links=log_links)
         if record.state is State.ERROR:
             retryable = record.error_kind is ErrorKind.RECOVERABLE
             return Resource(phase=TaskExecution.RETRYABLE_FAILED if retryable else TaskExecution.FAILED,
-                            message=str(failure_of(task, record)))
-        return Resource(phase=_PHASES[record.state], message=f"{record.state.value} on {record.executor or 'its queue'}")
+                            message=f"{failure_of(task, record)} {decks.failure_summary(record)}", log_links=log_links)
+        return Resource(phase=_PHASES[record.state], message=f"{record.state.value} on {record.executor or 'its queue'}",
+                        log_links=log_links)
 
     async def delete(self, resource_meta: CornserveMetadata, **kwargs: Any) -> None:
         if resource_meta.invocation_id:
             await (await _dispatcher()).cancel(resource_meta.invocation_id)
+
+
+def _executors_of(record: Record) -> list[tuple[str, str, str]]:
+    """(executor, node, deployment) of each executor that ran the invocation."""
+    ran = [event.executor for event in record.events if event.executor]
+    return [(executor, record.node, record.deployment_id) for executor in dict.fromkeys(ran)]
 
 
 async def _literals(output: Any) -> LiteralMap:
@@ -140,7 +168,9 @@ _background_lock = threading.Lock()
 
 
 def run_locally(unit_task: UnitTask, inputs: dict[str, Any]) -> Any:
-    """Run one invocation for a local `pyflyte run`; return its outputs as the task's Python values."""
+    """Run one invocation for a local `pyflyte run`; return its outputs as the task's Python values.
+    Its deck (every invocation submitted for it: retries are new ones) goes to the local run's
+    decks, which `CornserveTask` writes once the task returns."""
     global _background
     with _background_lock:
         _background = _background or _BackgroundLoop()
@@ -148,7 +178,7 @@ def run_locally(unit_task: UnitTask, inputs: dict[str, Any]) -> Any:
     submitted: list[Submission] = []
     try:
         ensure_stack(progress.update)
-        output = _background.run(_dispatcher_run(unit_task, inputs, progress.update, submitted.append))
+        output = _background.run(_dispatcher_run(unit_task, inputs, progress, submitted.append))
     except KeyboardInterrupt:
         if submitted:  # stop the executor's work on it, then let the interrupt through
             _background.run(_cancel(submitted[-1].invocation_id))
@@ -157,8 +187,30 @@ def run_locally(unit_task: UnitTask, inputs: dict[str, Any]) -> Any:
         raise RuntimeError(str(exc)) from None
     finally:
         progress.close()
+        if submitted:
+            _add_deck(unit_task, submitted)
     values = [getattr(output, name) for name in type(output).model_fields]
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _add_deck(unit_task: UnitTask, submitted: list[Submission]) -> None:
+    """The node's deck, as a flytekit `Deck` of the running task (written if the task enables decks)."""
+    params = FlyteContextManager.current_context().user_space_params
+    if params is None or not params.enable_deck:
+        return
+    try:
+        html = _background.run(_local_deck(submitted[-1].task, [s.invocation_id for s in submitted]))
+    except Exception as exc:  # the deck is a view: the run's outcome stands without it
+        log.warning("could not build the deck of %s: %s", describe(unit_task), exc)
+        return
+    Deck(decks.DECK_TITLE, html)
+
+
+async def _local_deck(task: UnitTask, invocation_ids: list[str]) -> str:
+    dispatcher = await _dispatcher()
+    record = await dispatcher.store.record(invocation_ids[-1])
+    links = await decks.log_links(dispatcher.redis, _executors_of(record))
+    return render_unit(await decks.unit_view(dispatcher.store, task, invocation_ids, links))
 
 
 async def _dispatcher_run(unit_task: UnitTask, inputs: dict[str, Any], progress, on_submit) -> Any:

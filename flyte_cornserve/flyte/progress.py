@@ -1,35 +1,73 @@
-"""One live status line on stderr for long first-time steps of a local run (starting the stack,
-building a tiny model, starting a vLLM engine); nothing is shown when the stack is warm."""
+"""What a local run shows on stderr of its long first-time steps (starting the stack, a deployment's
+start-up phases: building a tiny model, loading weights, starting a vLLM engine); nothing is shown
+when the stack is warm."""
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.status import Status
+
+#: the running time at the end of a live message, " (3 s)"
+_ELAPSED = re.compile(r" \(\d+ s\)$")
 
 
 class ProgressLine:
+    """`update(message)` (or calling it) shows what is under way now; `note(message)` prints a line
+    that stays, such as a start-up phase that ended and how long it took.
+
+    On a terminal the current step is a live status line, redrawn in place under the notes (a note
+    clears it: the step it showed has ended, the next update draws the next one). Anywhere
+    else (a log file, CI, a captured stderr) each new step is one plain line, printed once and
+    without its running time, and each note a line after it, so the sequence reads in order.
+    """
+
     def __init__(self) -> None:
+        self._console: Console | None = None
         self._status: Status | None = None
         self._lock = threading.Lock()
         self._started = time.monotonic()
         self._last = ""
 
+    def __call__(self, message: str) -> None:
+        self.update(message)
+
+    def _terminal(self) -> Console | None:
+        """The console when stderr is a terminal, else None (plain lines)."""
+        if self._console is None:
+            self._console = Console(file=sys.stderr)
+        return self._console if self._console.is_terminal else None
+
     def update(self, message: str) -> None:
         with self._lock:
+            console = self._terminal()
+            if console is None:  # a log file or CI: one plain line per new step
+                step = _ELAPSED.sub("", message)
+                if step != self._last:
+                    print(f"cornserve: {step}", file=sys.stderr, flush=True)
+                    self._last = step
+                return
             if self._status is None:
-                console = Console(file=sys.stderr)
-                if not console.is_terminal:  # a log file or CI: one plain line per new step
-                    if message.split(" (")[0] != self._last.split(" (")[0]:
-                        print(f"cornserve: {message}", file=sys.stderr, flush=True)
-                    self._last = message
-                    return
-                self._status = console.status(message)
+                self._status = console.status(f"cornserve: {escape(message)}")
                 self._status.start()
-            self._status.update(f"cornserve: {message}")
+            else:
+                self._status.update(f"cornserve: {escape(message)}")
+
+    def note(self, message: str) -> None:
+        with self._lock:
+            console = self._terminal()
+            if console is None:
+                print(f"cornserve: {message}", file=sys.stderr, flush=True)
+            else:  # what the live line showed has ended: the note replaces it, the next step brings a new one
+                if self._status is not None:
+                    self._status.stop()
+                    self._status = None
+                console.print(f"cornserve: {message}", markup=False, highlight=False)
 
     def close(self) -> None:
         with self._lock:
@@ -71,9 +109,9 @@ class BatchProgress:
         tenth = ended * 10 // max(1, self.total)
         if tenth != self._reported:
             self._reported = tenth
-            left = (self.total - ended) / rate if rate > 0 else float("nan")
+            left = f"{(self.total - ended) / rate:.0f} s" if rate > 0 else "unknown time"
             print(f"cornserve: {self.label}: {ended}/{self.total} items ended, {failed} failed, "
-                  f"{rate:.1f} items/s, {left:.0f} s left", file=self.console.file, flush=True)
+                  f"{rate:.1f} items/s, {left} left", file=self.console.file, flush=True)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pathlib
+import sys
 from typing import Any
 
+from flytekit import FlyteContextManager
 from flytekit.configuration import SerializationSettings
 from flytekit.core.base_task import PythonTask, TaskMetadata
 from flytekit.core.interface import Interface
 
 from flyte_cornserve.descriptors import descriptor_for
+from flyte_cornserve.services.task_manager import describe
 from flyte_cornserve.task import UnitTask
 
 from . import tensor_ref_type  # noqa: F401  (registers the TensorRef transformer)
+from .decks import DECK_TITLE
 
 TASK_TYPE = "cornserve"
 
@@ -46,6 +51,7 @@ class CornserveTask(PythonTask):
                 cache_version=options.cache_version,
                 interruptible=options.interruptible,
             ),
+            enable_deck=True,  # the template's `generates_deck`: Propeller shows the deck the connector writes
         )
         self.unit_task = unit_task
         self.descriptor = descriptor_for(unit_task)
@@ -62,6 +68,22 @@ class CornserveTask(PythonTask):
         from .connector import run_locally
 
         return run_locally(self.unit_task, kwargs)
+
+    def _write_decks(self, native_inputs: Any, native_outputs_as_map: Any, ctx: Any, new_user_params: Any) -> None:
+        """Local `pyflyte run`: write the node's deck (made by `run_locally`) as it is, self-contained,
+        where flytekit writes a task's deck, and say where."""
+        write_local_deck(describe(self.unit_task), new_user_params)
+
+
+def write_local_deck(title: str, params: Any) -> None:
+    """Write the deck a cornserve task added to its execution's decks, and print where it is."""
+    html = next((deck.html for deck in reversed(params.decks) if deck.name == DECK_TITLE), None) if params else None
+    if html is None:
+        return
+    folder = pathlib.Path(FlyteContextManager.current_context().file_access.get_random_local_directory())
+    path = folder / "deck.html"
+    path.write_text(html)
+    print(f"cornserve: {title}: deck at file://{path}", file=sys.stderr, flush=True)
 
 
 def flyte_task_name(unit_task: UnitTask) -> str:

@@ -1,7 +1,8 @@
 """`model_id` -> a local folder that transformers and vLLM can load.
 
 A path to a folder is used as it is. The names of the project's tiny models (`tiny-llava`,
-`tiny-llama`) resolve to `$CORNSERVE_HOME/models/<name>`, built on first use. Anything else is a
+`tiny-llama`) resolve to `$CORNSERVE_HOME/models/<name>`, built on first use (an executor reports
+that as its "building the model" phase). Anything else is a
 Hugging Face model id, resolved from the local Hugging Face cache (no hub is reachable here).
 """
 
@@ -11,6 +12,7 @@ import logging
 import pathlib
 
 from flyte_cornserve.home import cornserve_home
+from flyte_cornserve.phases import BUILDING_MODEL, phase
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ def resolve_model(model_id: str, build: bool = True) -> pathlib.Path:
             if not build:
                 raise ModelNotFoundError(f"tiny model {model_id!r} is not built yet: run `cornserve models build-tiny`")
             log.info("building tiny model %s into %s (first use, about 30 s)", model_id, models_dir())
-            build_tiny(model_id, models_dir())
+            with phase(BUILDING_MODEL):  # or waiting for another process that builds it
+                build_tiny(model_id, models_dir())
         return target
     try:
         from huggingface_hub import snapshot_download

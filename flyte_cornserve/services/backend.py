@@ -94,6 +94,11 @@ class ExecutorBackend(ABC):
     async def close(self) -> None:
         """Stop the sidecars. Executors are stopped by the task manager first."""
 
+    def log_template(self) -> str:
+        """Where an executor's log is, as a URI template with `{executor_id}`, `{node}`,
+        `{deployment_id}`, `{pod}` (the decks' and the console's log links); "" if unknown."""
+        return ""
+
 
 class LocalProcess:
     """A child process whose output goes to a log file, with readiness read from that output."""
@@ -204,6 +209,9 @@ class LocalBackend(ExecutorBackend):
 
     def sidecar_id(self, node: str) -> str:
         return self._sidecar_id
+
+    def log_template(self) -> str:
+        return f"file://{self.logs.resolve()}/{{executor_id}}.log"
 
     def _env(self) -> dict[str, str]:
         env = {**os.environ, ENV_URL: self.redis_url, ENV_SIDECAR_ID: self._sidecar_id}

@@ -41,7 +41,10 @@ from .batches import (
     ACTIVE_KEY,
     BATCH_TTL_S,
     EVENTS_MAXLEN,
+    KEPT_ERRORS,
+    KEPT_SAMPLES,
     RUNNER_STREAM,
+    SAMPLE_EVERY_S,
     Batch,
     BatchState,
     BatchStore,
@@ -49,6 +52,7 @@ from .batches import (
     ChunkItem,
     ItemState,
     ResultRow,
+    StageRun,
     batch_key,
     read_chunk,
     read_chunk_header,
@@ -62,6 +66,7 @@ from .invocations import (
     InvocationStore,
     Outcome,
     Priority,
+    Record,
     State,
     _text,
     events_key,
@@ -120,10 +125,12 @@ class RunningBatch:
     cancelling: bool = False
     changed: bool = False  # progress not yet announced on its events stream
     announced: float = 0.0
+    sampled: float = 0.0  # when the last progress sample was recorded
 
     def __post_init__(self) -> None:
         # work for equal unit tasks of any batch goes out together: keyed by the task's full JSON
         self.task_keys = [task.to_json() for task in self.tasks]
+        self.done, self.failed = self.batch.done, self.batch.failed  # as committed
 
     @property
     def id(self) -> str:
@@ -174,9 +181,10 @@ class Changes:
     rows: list[tuple[RunningBatch, ResultRow]] = field(default_factory=list)
     admitted: set[RunningBatch] = field(default_factory=set)
     landed: list[Flight] = field(default_factory=list)  # flights whose outcomes were taken in
+    stage_runs: list[tuple[str, StageRun]] = field(default_factory=list)  # (batch id, run) for the decks
 
     def __bool__(self) -> bool:
-        return bool(self.progress or self.rows or self.admitted or self.landed)
+        return bool(self.progress or self.rows or self.admitted or self.landed or self.stage_runs)
 
 
 class BatchRunner:
@@ -298,8 +306,11 @@ class BatchRunner:
         running = RunningBatch(batch, header, tasks, ended, next=batch.admitted)
         self.batches[batch_id] = running
         if batch.state is BatchState.QUEUED:
-            await self.redis.hset(batch_key(batch_id), mapping={"state": BatchState.RUNNING.value,
-                                                                "started_at": repr(time.time())})
+            now = time.time()
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(batch_key(batch_id), mapping={"state": BatchState.RUNNING.value, "started_at": repr(now)})
+                self._sample(pipe, batch_id, now, batch.done, batch.failed)  # where its progress chart starts
+                await pipe.execute()
         log.info("batch %s (%s): %d items, %d ended before", batch_id, batch.spec.label, header.items, len(ended))
         return running
 
@@ -409,9 +420,16 @@ class BatchRunner:
                 pipe.delete(batch_key(batch.id, "results"))
             pipe.xadd(batch_key(batch.id, "events"), {"state": state.value}, maxlen=EVENTS_MAXLEN, approximate=True)
             pipe.expire(batch_key(batch.id, "events"), ENDED_EVENTS_TTL_S)  # its watchers have had the news
-            for part in ("", "results"):
+            self._sample(pipe, batch.id, time.time(), batch.done, batch.failed)
+            for part in ("", "results", "progress", "stages", "errors"):
                 pipe.expire(batch_key(batch.id, part), BATCH_TTL_S)
             await pipe.execute()
+
+    @staticmethod
+    def _sample(pipe: Any, batch_id: str, at: float, done: int, failed: int) -> None:
+        """A progress sample, for the batch's deck (the newest KEPT_SAMPLES stay)."""
+        pipe.rpush(batch_key(batch_id, "progress"), json.dumps([round(at, 3), done, failed]))
+        pipe.ltrim(batch_key(batch_id, "progress"), -KEPT_SAMPLES, -1)
 
     async def _announce(self) -> None:
         """Tell each batch's watchers of its progress, at most every PROGRESS_EVERY_S."""
@@ -534,6 +552,20 @@ class BatchRunner:
             for work, outcome in zip(flight.work, outcomes):
                 self._settle(work, outcome, flight.task)
             self.changes.landed.append(flight)
+            if record is not None:
+                self._note_stage_run(flight, record, outcomes)
+
+    def _note_stage_run(self, flight: Flight, record: Record, outcomes: list[Outcome]) -> None:
+        """Keep the invocation's timing per batch it served, for the batches' decks."""
+        per_batch: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for work, outcome in zip(flight.work, outcomes):
+            counts = per_batch[work.run.batch.id]
+            counts[0] += 1
+            counts[1] += outcome.output is None
+        for batch_id, (items, failed) in per_batch.items():
+            self.changes.stage_runs.append((batch_id, StageRun(
+                stage=describe(flight.task), executor=record.executor, created=record.created_at,
+                started=record.started_at, finished=record.finished_at, items=items, failed=failed)))
 
     def _settle(self, work: Work, outcome: Outcome, task: UnitTask) -> None:
         """One node of one item ended: go on with the item, retry the node, or end the item."""
@@ -618,9 +650,22 @@ class BatchRunner:
                 pipe.hdel(batch_key(running.id, "items"), str(row.i))
                 counts[running.id][{ItemState.DONE: "done", ItemState.ERROR: "failed",
                                     ItemState.CANCELLED: "cancelled"}[row.state]] += 1
+                if row.state is ItemState.ERROR and running.failed < KEPT_ERRORS:
+                    pipe.rpush(batch_key(running.id, "errors"), json.dumps([row.id, row.error]))
+                    pipe.ltrim(batch_key(running.id, "errors"), 0, KEPT_ERRORS - 1)
+                running.done += row.state is ItemState.DONE
+                running.failed += row.state is ItemState.ERROR
             for batch_id, fields in counts.items():
                 for name, count in fields.items():
                     pipe.hincrby(batch_key(batch_id), name, count)
+            now = time.time()
+            for running in {running for running, _ in changes.rows}:
+                if now - running.sampled >= SAMPLE_EVERY_S:
+                    running.sampled = now
+                    self._sample(pipe, running.id, now, running.done, running.failed)
+            for batch_id, stage_run in changes.stage_runs:
+                pipe.rpush(batch_key(batch_id, "stages"), stage_run.model_dump_json(exclude_none=True))
+                pipe.ltrim(batch_key(batch_id, "stages"), -KEPT_SAMPLES, -1)
             for flight in changes.landed:
                 for batch_id in {work.run.batch.id for work in flight.work}:
                     pipe.hdel(batch_key(batch_id, "inflight"), flight.id)

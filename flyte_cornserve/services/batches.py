@@ -16,6 +16,9 @@ Keys (namespace `cornserve:`):
 | `batch:<id>:inflight` | hash | invocation id -> the (item, node, attempt) triples it runs |
 | `batch:<id>:results` | hash | item index -> the item's final row (JSON), written once |
 | `batch:<id>:events` | stream | progress and the terminal state, for watchers |
+| `batch:<id>:progress` | list | `[time, done, failed]` samples, at most one per `SAMPLE_EVERY_S` (the deck's chart) |
+| `batch:<id>:stages` | list | one `StageRun` per batch invocation taken in (the deck's stage latencies and overlap) |
+| `batch:<id>:errors` | list | the first `KEPT_ERRORS` failed items' `[id, error]` |
 | `batches` | sorted set | batch id -> creation time (listing) |
 | `batches:active` | set | batches the runner must run (QUEUED, RUNNING, CANCELLING) |
 | `batch-key:<key>` | string | the batch created for an idempotency key (a Flyte node execution) |
@@ -41,6 +44,9 @@ from .invocations import _text, notify_key
 CHUNK_FORMAT = 1
 BATCH_TTL_S = 7 * 24 * 3600  # a finished batch's record: repeated creates and gets within this find it
 EVENTS_MAXLEN = 1000
+SAMPLE_EVERY_S = 0.5
+KEPT_SAMPLES = 2000  # the progress samples and stage runs a batch keeps (the newest)
+KEPT_ERRORS = 20
 RUNNER_STREAM = notify_key("batch-runner")  # what the runner reads: new batches, cancels, completions
 BATCHES_KEY = "cornserve:batches"
 ACTIVE_KEY = "cornserve:batches:active"
@@ -227,6 +233,27 @@ class Batch(BaseModel):
         )
 
 
+class StageRun(BaseModel):
+    """One batch invocation of a stage, as the runner took it in: its timing, executor, item count
+    and how many of its items failed."""
+
+    stage: str
+    executor: str = ""
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    items: int
+    failed: int = 0
+
+
+class Telemetry(BaseModel):
+    """What a batch's deck shows beyond its record."""
+
+    progress: list[tuple[float, int, int]] = []
+    stages: list[StageRun] = []
+    errors: list[tuple[str, str]] = []
+
+
 class BatchStore:
     """Creating, reading and cancelling batches (the submitting side; the runner uses it too)."""
 
@@ -278,7 +305,8 @@ class BatchStore:
                               and ResultRow.model_validate_json(raw).state is ItemState.ERROR),
                 "cancelled": 0,
             })
-            pipe.persist(batch_key(batch.id))
+            for part in ("", "progress", "stages", "errors"):
+                pipe.persist(batch_key(batch.id, part))
             pipe.sadd(ACTIVE_KEY, batch.id)
             pipe.xadd(RUNNER_STREAM, {"op": "start", "batch": batch.id})
             await pipe.execute()
@@ -302,6 +330,15 @@ class BatchStore:
         """The rows of the items that ended so far (the results hash, before the file is written)."""
         raw = await self.redis.hgetall(batch_key(batch_id, "results"))
         return sorted((ResultRow.model_validate_json(value) for value in raw.values()), key=lambda row: row.i)
+
+    async def telemetry(self, batch_id: str) -> Telemetry:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in ("progress", "stages", "errors"):
+                pipe.lrange(batch_key(batch_id, part), 0, -1)
+            progress, stages, errors = await pipe.execute()
+        return Telemetry(progress=[tuple(json.loads(raw)) for raw in progress],
+                         stages=[StageRun.model_validate_json(raw) for raw in stages],
+                         errors=[tuple(json.loads(raw)) for raw in errors])
 
     async def recent(self, limit: int = 20) -> list[Batch]:
         """The last `limit` batches that still have a record, newest first."""

@@ -38,10 +38,13 @@ def _machine_gpus() -> int:
               help="seconds a deployment may stay idle before its executors are stopped")
 @click.option("--batch-in-flight", type=click.IntRange(min=1), default=None,
               help="items of batches in flight at once, across batches: bounds the stack's memory [default: 512]")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="port of the control plane's Prometheus /metrics; 0 picks a free one (`cornserve status` shows "
+                   "it). On 127.0.0.1 unless $CORNSERVE_METRICS_HOST says otherwise")
 @click.option("--foreground", is_flag=True, help="run the control plane in this process (e.g. in a container)")
 @click.option("--announce", is_flag=True, hidden=True, help="print the ready line, then log to the stack's log file")
 def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, batch_in_flight: int | None,
-       foreground: bool, announce: bool) -> None:
+       metrics_port: int, foreground: bool, announce: bool) -> None:
     """Start the stack: Redis (embedded unless CORNSERVE_REDIS_URL is set) and the control plane."""
     from flyte_cornserve.task import Resources
 
@@ -52,7 +55,7 @@ def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, 
     batch_in_flight = batch_in_flight or DEFAULT_MAX_IN_FLIGHT
     capacity_args = ["--cpu", str(cpu or os.cpu_count() or 1), "--memory", memory,
                      "--gpu", str(_machine_gpus() if gpu is None else gpu), "--idle-ttl", str(idle_ttl),
-                     "--batch-in-flight", str(batch_in_flight)]
+                     "--batch-in-flight", str(batch_in_flight), "--metrics-port", str(metrics_port)]
     if not foreground:
         from flyte_cornserve.redis_server import ENV_URL
 
@@ -69,10 +72,11 @@ def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, 
         click.echo(f"the stack is up: redis {url}; logs in {stack_dir() / 'logs'}")
         return
     _serve(cpu or os.cpu_count() or 1, Resources(memory=memory).memory_bytes,
-           _machine_gpus() if gpu is None else gpu, idle_ttl, batch_in_flight, announce)
+           _machine_gpus() if gpu is None else gpu, idle_ttl, batch_in_flight, announce, metrics_port)
 
 
-def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_flight: int, announce: bool) -> None:
+def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_flight: int, announce: bool,
+           metrics_port: int = 0) -> None:
     from flyte_cornserve.home import use_project_tmp
     from flyte_cornserve.redis_server import ENV_URL, connect_async, redis_url
 
@@ -90,7 +94,8 @@ def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_fl
     backend = LocalBackend(url, logs, Capacity(cpu, memory_bytes, gpu))
 
     async def main() -> None:
-        plane = ControlPlane(connect_async(url), backend, idle_ttl_s=idle_ttl, batch_in_flight=batch_in_flight)
+        plane = ControlPlane(connect_async(url), backend, idle_ttl_s=idle_ttl, batch_in_flight=batch_in_flight,
+                             metrics_port=metrics_port)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, plane.request_stop)
@@ -147,7 +152,7 @@ def down(timeout: float) -> None:
 @click.option("--batches", "batch_limit", type=click.IntRange(min=0), default=10, show_default=True,
               help="how many recent batches to list (running ones first)")
 def status(limit: int, batch_limit: int) -> None:
-    """Show the control plane, deployments, executors, queue depths, batches and recent invocations."""
+    """Show the control plane, deployments, executors, metrics endpoints, queue depths, batches and recent invocations."""
     from rich.console import Console
 
     url = current_url()
@@ -159,6 +164,8 @@ def status(limit: int, batch_limit: int) -> None:
 
 async def _status_tables(url: str, limit: int, batch_limit: int = 10) -> list[Any]:
     from rich.table import Table
+
+    from flyte_cornserve.metrics import list_endpoints
 
     from .batches import FINISHED, BatchStore
     from .control import control_plane_info, list_deployments
@@ -190,13 +197,22 @@ async def _status_tables(url: str, limit: int, batch_limit: int = 10) -> list[An
     for deployment in deployments:
         backlog = await store.backlog(deployment.id)
         table.add_row(deployment.id, deployment.label, deployment.state.value, str(len(deployment.executors)),
-                      str(deployment.restarts), str(backlog), _ago(now - deployment.last_used), deployment.message[:80])
+                      str(deployment.restarts), str(backlog), _ago(now - deployment.last_used),
+                      deployment.message[:80] + (f" ({_ago(now - deployment.phase_since)})"  # a start-up phase
+                                                 if deployment.phase_since else ""))
         for executor_id in deployment.executors:
             raw = await client.get(f"cornserve:executor:{executor_id}")
             beat = json.loads(raw) if raw else {}
             executors.add_row(executor_id, deployment.id, str(beat.get("pid", "-")), beat.get("host", "-"),
                               "yes" if raw else "no (starting or gone)")
     tables += [table, executors]
+
+    endpoints = Table(title="metrics endpoints (Prometheus)")
+    for column in ("process", "pid", "url", "up for"):
+        endpoints.add_column(column)
+    for where in await list_endpoints(client):
+        endpoints.add_row(where.name, str(where.pid), where.url, _ago(now - where.since))
+    tables.append(endpoints)
 
     batches = Table(title=f"batches (last {batch_limit}, running first)")
     for column in ("batch", "task", "state", "done", "failed", "cancelled", "total", "items/s", "ETA", "message"):

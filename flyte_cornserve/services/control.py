@@ -4,10 +4,21 @@ Requests go on one list that the control plane pops; each request names its own 
 the client blocks on. So clients need nothing but the Redis URL, and the control plane can run in
 the embedded stack's daemon or as a Kubernetes Deployment alike. Deployments are Redis hashes the
 control plane writes and anyone reads (routing, `cornserve status`). JSON only, never pickle.
+
+| key | type | written by | what |
+|---|---|---|---|
+| `cornserve:control:requests` | list | clients | requests: {id, op, args} |
+| `cornserve:control:reply:<request id>` | list, TTL | control plane | the reply: {ok, error, ...} |
+| `cornserve:control-plane` | string, TTL | control plane | its liveness: {pid, host, started_at, nodes} |
+| `cornserve:deployments` | set | task manager | deployment ids |
+| `cornserve:deployment:<id>` | hash | task manager | the `Deployment` record (message: the start-up phase) |
+| `cornserve:deployment:<id>:phases` | hash, TTL | executors (`PhaseReporter`) | executor id -> its latest phase: {phase, step, at} |
+| `cornserve:deployments:events` | stream | task manager; executors (phase) | {deployment, event, detail}; a `phase` event adds phase, step, executor |
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -16,7 +27,10 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
+
+from flyte_cornserve.phases import END
 
 from .invocations import MAX_BLOCK_S, _text
 
@@ -25,11 +39,17 @@ CONTROL_PLANE_KEY = "cornserve:control-plane"  # liveness of the control plane: 
 DEPLOYMENTS_KEY = "cornserve:deployments"  # set of deployment ids
 DEPLOYMENT_EVENTS_KEY = "cornserve:deployments:events"  # stream: {deployment, event, detail}
 DEPLOYMENT_EVENTS_MAXLEN = 1000
+PHASES_TTL_S = 3600  # an executor's phase outlives its start by this much, whoever removes it (or not)
 REPLY_TTL_S = 300
 
 
 def deployment_key(deployment_id: str) -> str:
     return f"cornserve:deployment:{deployment_id}"
+
+
+def phases_key(deployment_id: str) -> str:
+    """Each executor's latest start-up phase (field: executor id); see `PhaseReporter`."""
+    return f"cornserve:deployment:{deployment_id}:phases"
 
 
 def reply_key(request_id: str) -> str:
@@ -63,6 +83,8 @@ class Deployment:
     restarts: int = 0
     created_at: float = 0.0
     last_used: float = 0.0
+    #: while DEPLOYING: when the start-up phase the message names began (the executor's clock), else 0
+    phase_since: float = 0.0
 
     def to_redis(self) -> dict[str, str]:
         fields = asdict(self)
@@ -71,9 +93,56 @@ class Deployment:
 
     @classmethod
     def from_redis(cls, fields: dict[bytes, bytes]) -> Deployment:
-        values = {_text(k): json.loads(v) for k, v in fields.items()}
+        known = {f.name for f in dataclasses.fields(cls)}  # a newer control plane may write more
+        values = {name: json.loads(v) for k, v in fields.items() if (name := _text(k)) in known}
         values["state"] = DeploymentState(values["state"])
         return cls(**values)
+
+
+class PhaseReporter:
+    """An executor's start-up phases, reported to Redis (a `flyte_cornserve.phases` reporter).
+
+    Each phase change sets the executor's field of the deployment's phases hash (what the task
+    manager turns into the deployment's message) and appends a `phase` event to the deployments'
+    events stream (what a waiting client reads, in order), in one transaction. Synchronous: phases
+    are reported from whatever thread loads the model. The executor needs only the Redis URL and
+    its deployment and executor ids.
+    """
+
+    def __init__(self, url: str, deployment_id: str, executor_id: str) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=10)
+        self.deployment_id = deployment_id
+        self.executor_id = executor_id
+
+    def __call__(self, phase: str, step: str) -> None:
+        key = phases_key(self.deployment_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, self.executor_id, json.dumps({"phase": phase, "step": step, "at": time.time()}))
+            pipe.expire(key, PHASES_TTL_S)
+            pipe.xadd(DEPLOYMENT_EVENTS_KEY, {"deployment": self.deployment_id, "event": "phase",
+                                              "detail": f"{self.executor_id} {phase} {step}", "phase": phase,
+                                              "step": step, "executor": self.executor_id},
+                      maxlen=DEPLOYMENT_EVENTS_MAXLEN, approximate=True)
+            pipe.execute()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+async def executor_phase(client: aioredis.Redis, deployment_id: str, executor_id: str) -> dict[str, Any] | None:
+    """The executor's latest phase report ({phase, step, at}), or None if it reported none."""
+    raw = await client.hget(phases_key(deployment_id), executor_id)
+    return json.loads(raw) if raw else None
+
+
+def phase_message(report: dict[str, Any] | None) -> tuple[str, float] | None:
+    """The deployment message for an executor's latest phase report, and when that phase began:
+    "loading weights" while it runs, "loading weights done" once it ended; None without a report."""
+    if not report:
+        return None
+    if report.get("step") == END:
+        return f"{report['phase']} done", 0.0
+    return str(report["phase"]), float(report.get("at", 0.0))
 
 
 async def load_deployment(client: aioredis.Redis, deployment_id: str) -> Deployment | None:
@@ -88,6 +157,128 @@ async def list_deployments(client: aioredis.Redis) -> list[Deployment]:
         if deployment is not None:
             found.append(deployment)
     return found
+
+
+def _entry_ms(entry_id: bytes | str) -> int:
+    """A stream entry's time: milliseconds since the epoch on Redis's clock (one clock for all)."""
+    return int(_text(entry_id).split("-")[0])
+
+
+class StartProgress:
+    """What a client shows of a deployment's start, from its events in order (no Redis here).
+
+    It follows one executor (`executor`; the caller picks the deployment's first): `live(now_ms)` is
+    the line that changes ("deploying LLMTask tiny-llava: loading weights (3 s)", or "starting the
+    executor" before its first phase; None between two phases), `feed(event)` returns the lines that
+    stay, one per phase that ended ("LLMTask tiny-llava: loading weights done in 4.2 s") and one when
+    the deployment is ready. Times are stream entry times, so every machine measures with Redis's clock.
+    """
+
+    def __init__(self, label: str, started_ms: int, executor: str | None = None) -> None:
+        self.label = label
+        self.started_ms = started_ms
+        self.executor = executor
+        self.phase = ""  # the phase under way, "" if none
+        self.phase_ms = 0
+        self.phases_seen = 0
+        self.finished = False  # ready, or stopped
+
+    def feed(self, entry_id: bytes | str, fields: dict[str, str]) -> list[str]:
+        at = _entry_ms(entry_id)
+        event = fields.get("event")
+        if event == "ready":
+            self.finished = True
+            return [f"{self.label}: ready in {max(0, at - self.started_ms) / 1000:.1f} s"]
+        if event == "stopped" and self.executor is not None:  # an earlier incarnation's is no end
+            self.finished = True
+            return []
+        if event != "phase" or fields.get("executor") != self.executor:
+            return []
+        phase = fields.get("phase", "")
+        if fields.get("step") == END:
+            began, self.phase = (self.phase_ms if self.phase == phase else None), ""
+            took = f" in {(at - began) / 1000:.1f} s" if began is not None else ""
+            return [f"{self.label}: {phase} done{took}"]
+        self.phase, self.phase_ms = phase, at
+        self.phases_seen += 1
+        return []
+
+    def live(self, now_ms: float) -> str | None:
+        if self.phase:
+            return f"deploying {self.label}: {self.phase} ({max(0.0, now_ms - self.phase_ms) / 1000:.0f} s)"
+        if not self.phases_seen:
+            return f"deploying {self.label}: starting the executor ({max(0.0, now_ms - self.started_ms) / 1000:.0f} s)"
+        return None  # between two phases (moments): the next one shows next
+
+
+class StartFollower:
+    """Follows a deployment's start on the deployments' events stream (blocking reads, in order) and
+    shows it: `live(message)` for the line that changes, `note(message)` for the lines that stay.
+
+    Create it with `begin()` *before* asking for the deployment (so no event is missed), run
+    `run()` beside the request; it ends with the deployment's `ready` (or `stopped`) event, or when
+    `close()` says the request ended first (refused, or already ready).
+    """
+
+    def __init__(self, client: aioredis.Redis, deployment_id: str, label: str,
+                 live: Callable[[str], None], note: Callable[[str], None]) -> None:
+        self.redis = client
+        self.deployment_id = deployment_id
+        self.live, self.note = live, note
+        self.view = StartProgress(label, 0)
+        self._last = "0-0"
+        self._offset_ms = 0.0  # Redis's clock minus ours
+        self._closing = False
+
+    @classmethod
+    async def begin(cls, client: aioredis.Redis, deployment_id: str, label: str,
+                    live: Callable[[str], None], note: Callable[[str], None]) -> StartFollower:
+        follower = cls(client, deployment_id, label, live, note)
+        seconds, micros = await client.time()
+        now_ms = seconds * 1000 + micros / 1000
+        follower._offset_ms = now_ms - time.time() * 1000
+        follower.view.started_ms = int(now_ms)
+        current = await load_deployment(client, deployment_id)
+        if current is not None and current.state is DeploymentState.DEPLOYING:
+            # joining a start under way: read its events from its beginning (the creation time is the
+            # control plane's clock; a few seconds' margin covers a skew, other incarnations' events
+            # are told apart by their executor ids)
+            follower.view.started_ms = int(current.created_at * 1000)
+            follower._last = f"{max(0, int(current.created_at * 1000) - 5000)}-0"
+        else:
+            latest = await client.xrevrange(DEPLOYMENT_EVENTS_KEY, count=1)
+            follower._last = _text(latest[0][0]) if latest else "0-0"
+        return follower
+
+    async def run(self) -> None:
+        while not self.view.finished:
+            closing = self._closing  # then one last read of what is there, without waiting
+            reply = await self.redis.xread({DEPLOYMENT_EVENTS_KEY: self._last}, block=None if closing else 1000,
+                                           count=1000)
+            for _, entries in reply or []:
+                for entry_id, raw in entries:
+                    self._last = _text(entry_id)
+                    fields = {_text(k): _text(v) for k, v in raw.items()}
+                    if fields.get("deployment") != self.deployment_id:
+                        continue
+                    if fields.get("event") == "phase" and self.view.executor is None:
+                        record = await load_deployment(self.redis, self.deployment_id)
+                        self.view.executor = (record.executors[0] if record is not None and record.executors
+                                              else fields.get("executor"))
+                    for line in self.view.feed(entry_id, fields):
+                        self.note(line)
+                    if self.view.finished:
+                        return
+            if closing:
+                return
+            shown = self.view.live(time.time() * 1000 + self._offset_ms)
+            if shown is not None:
+                self.live(shown)
+
+    def close(self) -> None:
+        """The request ended: read what is there once more, then return (the current blocking read
+        ends first: at most a second)."""
+        self._closing = True
 
 
 async def touch(client: aioredis.Redis, deployment_id: str) -> None:

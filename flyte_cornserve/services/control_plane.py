@@ -1,5 +1,6 @@
 """The control plane: answers deploy / undeploy requests, runs the task manager's periodic look and
-the batch runner.
+the batch runner, and serves its Prometheus metrics (`plane_metrics`; advertised in Redis under
+`control-plane`, see `flyte_cornserve.metrics`).
 
 One control plane serves one Redis (it holds `cornserve:control-plane` with a short TTL while it
 lives; a second one refuses to start). It runs in the embedded stack's daemon (`cornserve up`) or,
@@ -16,11 +17,15 @@ import socket
 import time
 
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from flyte_cornserve import metrics
 
 from .backend import ExecutorBackend
 from .batch_runner import DEFAULT_MAX_IN_FLIGHT, BatchRunner
 from .control import CONTROL_PLANE_KEY, REPLY_TTL_S, REQUESTS_KEY, reply_key
 from .invocations import MAX_BLOCK_S
+from .plane_metrics import ControlPlaneCollector
 from .resources import ResourceManager
 from .task_manager import TaskManager
 
@@ -32,8 +37,11 @@ RECONCILE_S = 1.0
 
 class ControlPlane:
     def __init__(self, client: aioredis.Redis, backend: ExecutorBackend, idle_ttl_s: float = 1800.0,
-                 batch_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+                 batch_in_flight: int = DEFAULT_MAX_IN_FLIGHT, metrics_port: int = 0) -> None:
         self.redis = client
+        self.metrics_port = metrics_port  # 0: a free port; the bound one once serving
+        self._metrics: metrics.MetricsServer | None = None
+        self._metrics_since = time.time()
         self.backend = backend
         self.resources = ResourceManager(backend.nodes())
         self.tasks = TaskManager(client, backend, self.resources, idle_ttl_s)
@@ -43,7 +51,8 @@ class ControlPlane:
         self._handlers: set[asyncio.Task] = set()
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
                      "idle_ttl_s": idle_ttl_s, "batch_in_flight": batch_in_flight, "nodes": self.resources.usage(),
-                     "sidecars": {node: backend.sidecar_id(node) for node in self.resources.nodes}}
+                     "sidecars": {node: backend.sidecar_id(node) for node in self.resources.nodes},
+                     "executor_log": backend.log_template()}
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -53,6 +62,15 @@ class ControlPlane:
         if not await self.redis.set(CONTROL_PLANE_KEY, json.dumps(self.info), nx=True, px=int(HEARTBEAT_S * 3000)):
             other = await self.redis.get(CONTROL_PLANE_KEY)
             raise RuntimeError(f"another cornserve control plane already serves this Redis: {other!r}")
+        registry = CollectorRegistry()
+        registry.register(ControlPlaneCollector(self.redis, asyncio.get_running_loop()))
+        try:
+            self._metrics = metrics.serve(registry, self.metrics_port)
+        except BaseException:
+            await self.redis.delete(CONTROL_PLANE_KEY)
+            raise
+        self.metrics_port = self._metrics.port
+        await self._advertise()
         background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reconcile()),
                       asyncio.create_task(self.batches.run(), name="batch runner")]
         log.info("control plane ready (pid %d, nodes %s)", os.getpid(), self.resources.usage())
@@ -67,7 +85,9 @@ class ControlPlane:
             await asyncio.gather(*background, return_exceptions=True)
             await self.tasks.stop_all()
             await self.backend.close()
+            await metrics.withdraw(self.redis, "control-plane")
             await self.redis.delete(CONTROL_PLANE_KEY)
+            self._metrics.close()
             log.info("control plane stopped")
 
     async def _serve(self) -> None:
@@ -118,6 +138,12 @@ class ControlPlane:
         """Refresh the liveness key, with the nodes' current usage."""
         self.info["nodes"] = self.resources.usage()
         await self.redis.set(CONTROL_PLANE_KEY, json.dumps(self.info), px=int(HEARTBEAT_S * 3000))
+        await self._advertise()  # again each beat: the entry outlives a Redis restart
+
+    async def _advertise(self) -> None:
+        if self._metrics is not None:
+            await metrics.advertise(self.redis, metrics.endpoint("control-plane", "control-plane", self._metrics,
+                                                                 CONTROL_PLANE_KEY, self._metrics_since))
 
     async def _reconcile(self) -> None:
         while not self._stopping.is_set():

@@ -12,6 +12,7 @@ deployment.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -29,6 +30,8 @@ from .completions import Completions
 from .invocations import TERMINAL, ErrorKind, InvocationStore, Record, State
 from .task_manager import describe
 
+log = logging.getLogger(__name__)
+
 #: a deployment may need to build a model and start an engine first
 DEPLOY_TIMEOUT_S = 900.0
 #: waiting for an invocation without a timeout of its own: re-check this often that it still exists
@@ -41,6 +44,9 @@ def backoff_s(attempt: int) -> float:
     """How long to wait before retrying after failed attempt number `attempt` (1, 2, ...)."""
     return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
 
+#: progress(message): what is under way now (a live line). If it also has `note(message)` (as
+#: `flyte.progress.ProgressLine` has), lines that stay go there: each start-up phase of a deployment
+#: that ended, with its duration; otherwise they go to the callable too.
 Progress = Callable[[str], None]
 
 
@@ -75,9 +81,13 @@ class Dispatcher:
     async def route(self, task: UnitTask) -> UnitTask:
         """The candidate whose deployment is least loaded (queued + running per executor); the
         preferred one when none is deployed yet."""
+        return (await self.choose(task))[0]
+
+    async def choose(self, task: UnitTask) -> tuple[UnitTask, str]:
+        """`route()`, and why: the routing choice a node's deck shows."""
         candidates = task.routing_candidates()
         if len(candidates) == 1:
-            return candidates[0]
+            return candidates[0], "the task's only candidate"
         loads = []
         for rank, candidate in enumerate(candidates):
             deployment = await load_deployment(self.redis, candidate.deployment_id())
@@ -85,7 +95,12 @@ class Dispatcher:
                 continue
             backlog = await self.store.backlog(deployment.id)
             loads.append((backlog / max(1, len(deployment.executors)), rank, candidate))
-        return min(loads, key=lambda load: load[:2])[2] if loads else candidates[0]
+        if not loads:
+            return candidates[0], f"none of its {len(candidates)} candidates deployed: the preferred one"
+        load, _, chosen = min(loads, key=lambda load: load[:2])
+        others = ", ".join(f"{describe(c)} {l:g}" for l, _, c in loads if c is not chosen)
+        return chosen, f"least backlog per executor among {len(loads)} deployed candidates ({load:g}" + (
+            f"; {others})" if others else ")")
 
     async def deploy(self, task: UnitTask, progress: Progress | None = None, wait: bool = True) -> str:
         """Make sure `task` is deployed (and READY, if `wait`); return its deployment id."""
@@ -103,18 +118,25 @@ class Dispatcher:
         return deployment_id
 
     async def _request_deploy(self, task: UnitTask, progress: Progress | None, wait: bool) -> None:
-        deployment_id = task.deployment_id()
-        label = describe(task)
-
-        async def report(waited: float) -> None:  # between blocking reads of the reply
-            current = await load_deployment(self.redis, deployment_id)
-            what = current.message if current is not None and current.message else "starting"
-            progress(f"deploying {label}: {what} ({waited:.0f} s)")
-
-        if progress is not None:
-            progress(f"deploying {label}")
-        await control.request(self.redis, "deploy", DEPLOY_TIMEOUT_S, progress=report if progress else None,
-                              task=task.to_json(), wait=wait)
+        """Ask the control plane; meanwhile show the deployment's start-up phases as its first
+        executor reports them (the deployments' events stream, read as they come)."""
+        if progress is None or not wait:
+            await control.request(self.redis, "deploy", DEPLOY_TIMEOUT_S, task=task.to_json(), wait=wait)
+            return
+        follower = await control.StartFollower.begin(self.redis, task.deployment_id(), describe(task), progress,
+                                                     getattr(progress, "note", progress))
+        following = asyncio.ensure_future(follower.run())
+        try:
+            await control.request(self.redis, "deploy", DEPLOY_TIMEOUT_S, task=task.to_json(), wait=wait)
+        except BaseException:
+            following.cancel()  # and if redis-py swallows that, `close()` still ends it
+            follower.close()
+            await asyncio.gather(following, return_exceptions=True)
+            raise
+        follower.close()  # its `ready` event came before the reply: it reads it and returns
+        (shown,) = await asyncio.gather(following, return_exceptions=True)
+        if isinstance(shown, Exception):  # what is shown never fails the deployment
+            log.warning("could not show the start of %s: %s", task.deployment_id(), shown)
 
     async def submit(self, task: UnitTask, request: TaskIO | Mapping[str, Any], attempts: int = 1,
                      progress: Progress | None = None, wait_ready: bool = True, watch: bool = False) -> Submission:
@@ -123,7 +145,7 @@ class Dispatcher:
         soon as the deployment is admitted (its executors pick the invocation up once they serve).
         With `watch`, `outcome()` learns of its end from this dispatcher's shared reader."""
         validated = task.validate_input(request)
-        target = await self.route(task)
+        target, why = await self.choose(task)
         deployment_id = await self.deploy(target, progress, wait=wait_ready)
         timeout = task.options.timeout
         timeout_s = timeout.total_seconds() if timeout is not None else None
@@ -131,7 +153,7 @@ class Dispatcher:
         invocation_id = uuid.uuid4().hex
         ended = await self.completions.expect(invocation_id) if watch else None
         await self.store.submit(deployment_id, payload, timeout_s=timeout_s, invocation_id=invocation_id,
-                                max_attempts=attempts, label=describe(target),
+                                max_attempts=attempts, label=describe(target), route=why,
                                 notify=self.completions.key if watch else "")
         return Submission(invocation_id, deployment_id, target, timeout_s, ended)
 

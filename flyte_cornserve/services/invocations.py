@@ -30,6 +30,8 @@ NOTIFY_MAXLEN = 100_000
 #: how many invocations `recent()` can list (the CLI's status table)
 RECENT_LIMIT = 1000
 RECENT_KEY = "cornserve:invocations"
+#: terminal states counted once per invocation: field "<deployment>|<state>|<error kind or empty>"
+COUNTS_KEY = "cornserve:invocations:counts"
 #: longest single blocking read: below redis-py's default 5 s socket timeout
 MAX_BLOCK_S = 2.0
 
@@ -122,6 +124,8 @@ class Outcome:
     output: dict[str, Any] | None = None
     error: str = ""
     kind: ErrorKind = ErrorKind.USER
+    #: the tensors it read or wrote (`sidecar.Transfer.to_json()`), kept in its record for its deck
+    transfers: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def failed(cls, error: str, kind: ErrorKind = ErrorKind.USER) -> Outcome:
@@ -143,9 +147,19 @@ class Outcome:
         return cls.failed(str(data.get("error", "")), ErrorKind(data.get("kind", ErrorKind.USER.value)))
 
 
+@dataclass(frozen=True)
+class Event:
+    """One state change of an invocation: when (from its stream entry's id), on which executor, why."""
+
+    state: State
+    at: float
+    executor: str = ""
+    note: str = ""
+
+
 @dataclass
 class Record:
-    """An invocation as Redis holds it, for submitters and the CLI."""
+    """An invocation as Redis holds it, for submitters, the CLI and the decks."""
 
     id: str
     state: State
@@ -164,6 +178,10 @@ class Record:
     finished_at: float | None = None
     deadline: float | None = None
     history: list[State] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    node: str = ""  # the node of the executor that ran it last
+    route: str = ""  # how the dispatcher chose the deployment among the task's candidates
+    transfers: list[dict[str, Any]] = field(default_factory=list)
 
     def item_outcomes(self) -> list[Outcome]:
         """A batch invocation's outcomes, one per item; all the invocation's error if it failed whole."""
@@ -182,8 +200,10 @@ class Record:
 
 
 # KEYS: invocation hash, events stream. ARGV: new state, allowed current states (comma-separated),
-# ttl seconds for terminal states (0 = keep), then field/value pairs to set. A terminal state is also
-# appended to the stream the record names in `notify` (not declared in KEYS: Redis is one instance).
+# ttl seconds for terminal states (0 = keep), a note for the event (why: "" for none), then field/value
+# pairs to set. The event carries the state, the note and the `executor` field if one is set. A terminal
+# state is counted once in COUNTS_KEY and appended to the stream the record names in `notify` (neither
+# declared in KEYS: Redis is one instance).
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return 0 end
@@ -191,12 +211,21 @@ local allowed = false
 for s in string.gmatch(ARGV[2], '[^,]+') do if s == current then allowed = true end end
 if not allowed then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local event = {'state', ARGV[1]}
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if ARGV[i] == 'executor' then table.insert(event, 'executor'); table.insert(event, ARGV[i + 1]) end
+end
+if ARGV[4] ~= '' then table.insert(event, 'note'); table.insert(event, ARGV[4]) end
 if ARGV[1] == 'RUNNING' then redis.call('HINCRBY', KEYS[1], 'attempt', 1) end
-redis.call('XADD', KEYS[2], '*', 'state', ARGV[1])
+redis.call('XADD', KEYS[2], '*', unpack(event))
 if tonumber(ARGV[3]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
+  local kind = ''
+  if ARGV[1] == 'ERROR' then kind = redis.call('HGET', KEYS[1], 'error_kind') or '' end
+  local deployment = redis.call('HGET', KEYS[1], 'deployment_id') or ''
+  redis.call('HINCRBY', '%s', deployment .. '|' .. ARGV[1] .. '|' .. kind, 1)
   local notify = redis.call('HGET', KEYS[1], 'notify')
   if notify and notify ~= '' then
     redis.call('XADD', notify, 'MAXLEN', '~', %d, '*', 'id', string.sub(KEYS[1], %d), 'state', ARGV[1])
@@ -204,7 +233,7 @@ if tonumber(ARGV[3]) > 0 then
   end
 end
 return 1
-""" % (NOTIFY_MAXLEN, len(invocation_key("")) + 1, NOTIFY_TTL_S)
+""" % (COUNTS_KEY, NOTIFY_MAXLEN, len(invocation_key("")) + 1, NOTIFY_TTL_S)
 
 
 class InvocationStore:
@@ -219,7 +248,7 @@ class InvocationStore:
 
     async def submit(self, deployment_id: str, input: dict[str, Any], timeout_s: float | None = None,
                      invocation_id: str | None = None, max_attempts: int = 1, label: str = "",
-                     priority: Priority = Priority.INTERACTIVE, notify: str = "") -> str:
+                     priority: Priority = Priority.INTERACTIVE, notify: str = "", route: str = "") -> str:
         """Record the invocation and queue it for the deployment; return its id.
 
         One transaction: an executor may read the queue entry the moment it exists, and must then
@@ -230,14 +259,15 @@ class InvocationStore:
         await self.ensure_queue(deployment_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             self.queue_submission(pipe, deployment_id, invocation_id, input, timeout_s=timeout_s,
-                                  max_attempts=max_attempts, label=label, priority=priority, notify=notify)
+                                  max_attempts=max_attempts, label=label, priority=priority, notify=notify,
+                                  route=route)
             await pipe.execute()
         return invocation_id
 
     def queue_submission(self, pipe: Any, deployment_id: str, invocation_id: str, input: dict[str, Any] | None = None,
                          *, items: list[dict[str, Any]] | None = None, timeout_s: float | None = None,
                          max_attempts: int = 1, label: str = "", priority: Priority = Priority.INTERACTIVE,
-                         notify: str = "") -> None:
+                         notify: str = "", route: str = "") -> None:
         """Add a submission to a transaction of the caller's (who may record more in it): `input`,
         or `items` for a batch invocation. `ensure_queue(deployment_id)` must have run."""
         now = time.time()
@@ -246,7 +276,7 @@ class InvocationStore:
             "input": json.dumps(items if items is not None else input),
             "deadline": "" if timeout_s is None else repr(now + timeout_s), "created_at": repr(now), "attempt": 0,
             "max_attempts": max_attempts, "label": label, "priority": priority.value, "notify": notify,
-            "items": "" if items is None else len(items),
+            "items": "" if items is None else len(items), "route": route,
         }
         pipe.hset(invocation_key(invocation_id), mapping=record)
         pipe.xadd(events_key(invocation_id), {"state": State.CREATED.value})
@@ -295,6 +325,11 @@ class InvocationStore:
             finished_at=_seconds(fields.get("finished_at")),
             deadline=_seconds(fields.get("deadline")),
             history=[State(_text(f[b"state"])) for _, f in events],
+            events=[Event(State(_text(f[b"state"])), int(_text(entry_id).split("-")[0]) / 1000,
+                          _text(f.get(b"executor")), _text(f.get(b"note"))) for entry_id, f in events],
+            node=fields.get("node", ""),
+            route=fields.get("route", ""),
+            transfers=json.loads(fields["transfers"]) if fields.get("transfers") else [],
         )
 
     async def recent(self, limit: int = 20) -> list[Record]:
@@ -352,11 +387,12 @@ class InvocationStore:
             items=tuple(payload) if batch else None,
         )
 
-    async def start(self, invocation: Invocation, executor_id: str) -> bool:
-        """QUEUED (or RUNNING on a dead executor) -> RUNNING here; False if cancelled or finished."""
+    async def start(self, invocation: Invocation, executor_id: str, node: str = "", note: str = "") -> bool:
+        """QUEUED (or RUNNING on a dead executor) -> RUNNING here; False if cancelled or finished.
+        `note` says why it runs again, when it does (its executor died)."""
         return await self.transition(
-            invocation.id, State.RUNNING, allowed={State.QUEUED, State.RUNNING}, executor=executor_id,
-            started_at=repr(time.time()),
+            invocation.id, State.RUNNING, allowed={State.QUEUED, State.RUNNING}, note=note, executor=executor_id,
+            node=node, started_at=repr(time.time()),
         )
 
     async def finish(self, invocation: Invocation, outcome: Outcome) -> bool:
@@ -366,6 +402,8 @@ class InvocationStore:
             fields["output"] = json.dumps(outcome.output)
         else:
             fields |= {"error": outcome.error, "error_kind": outcome.kind.value}
+        if outcome.transfers:
+            fields["transfers"] = json.dumps(outcome.transfers)
         stored = await self.transition(invocation.id, outcome.state, allowed={State.RUNNING}, **fields)
         await self.acknowledge(invocation)
         return stored
@@ -394,9 +432,19 @@ class InvocationStore:
                 pipe.xlen(queue)
             return sum(await pipe.execute())
 
-    async def transition(self, invocation_id: str, state: State, allowed: set[State], **fields: str) -> bool:
+    async def counts(self) -> dict[tuple[str, str, str], int]:
+        """Invocations that ended, by (deployment, terminal state, error kind or ""), each counted once."""
+        counts = {}
+        for field_name, value in (await self.redis.hgetall(COUNTS_KEY)).items():
+            deployment, state, kind = _text(field_name).split("|")
+            counts[(deployment, state, kind)] = int(value)
+        return counts
+
+    async def transition(self, invocation_id: str, state: State, allowed: set[State], note: str = "",
+                         **fields: str) -> bool:
+        """Move the invocation to `state` if it is in one of `allowed`; `note` says why, on its event."""
         ttl = RECORD_TTL_S if state in TERMINAL else 0
-        args = [state.value, ",".join(s.value for s in allowed), ttl]
+        args = [state.value, ",".join(s.value for s in allowed), ttl, note]
         for name, value in fields.items():
             args += [name, value]
         return bool(await self._transition(keys=[invocation_key(invocation_id), events_key(invocation_id)], args=args))

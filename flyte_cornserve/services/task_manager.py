@@ -31,6 +31,9 @@ from .control import (
     Deployment,
     DeploymentState,
     deployment_key,
+    executor_phase,
+    phase_message,
+    phases_key,
 )
 from .invocations import ErrorKind, InvocationStore, State, _text, queue_keys
 from .resources import ResourceManager
@@ -129,7 +132,7 @@ class TaskManager:
             managed.ready.set_exception(RuntimeError(f"deployment {record.id} ({record.label}) failed to start: {message}"))
             managed.ready.exception()  # retrieved here too: nobody may be waiting
             return
-        record.state, record.message = DeploymentState.READY, ""
+        record.state, record.message, record.phase_since = DeploymentState.READY, "", 0.0
         await self._save(record)
         await self._event(record, "ready", ",".join(record.executors))
         log.info("deployment %s (%s) ready with %d executor(s)", record.id, record.label, len(handles))
@@ -205,7 +208,7 @@ class TaskManager:
                 await self.store.transition(invocation_id, State.ERROR, allowed={State.QUEUED, State.RUNNING},
                                             error=error, error_kind=kind.value, finished_at=repr(time.time()))
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(deployment_key(record.id), *queues)
+            pipe.delete(deployment_key(record.id), phases_key(record.id), *queues)
             pipe.srem(DEPLOYMENTS_KEY, record.id)
             await pipe.execute()
         await self._event(record, "stopped", error)
@@ -233,11 +236,16 @@ class TaskManager:
                 asyncio.create_task(self.undeploy(record.id, f"idle for more than {self.idle_ttl_s:g} s"))
 
     async def _show_start_progress(self, managed: ManagedDeployment) -> None:
-        """While executors start, their latest log line is the deployment's message (what clients show)."""
-        lines = [line.strip() for line in next(iter(managed.executors.values())).log_tail().splitlines() if line.strip()]
-        if lines and lines[-1][:120] != managed.record.message:
-            managed.record.message = lines[-1][:120]
-            await self.redis.hset(deployment_key(managed.record.id), "message", json.dumps(managed.record.message))
+        """While executors start, the first executor's start-up phase ("loading weights") is the
+        deployment's message and `phase_since` when it began (what `cornserve status` shows). The
+        replicas of a deployment do the same work; the deployment is READY once all of them are."""
+        record = managed.record
+        shown = phase_message(await executor_phase(self.redis, record.id, record.executors[0]))
+        if (shown is not None and shown != (record.message, record.phase_since)
+                and record.state is DeploymentState.DEPLOYING):  # still: READY may have come meanwhile
+            record.message, record.phase_since = shown
+            await self.redis.hset(deployment_key(record.id), mapping={
+                "message": json.dumps(record.message), "phase_since": json.dumps(record.phase_since)})
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.undeploy(d, "the stack is shutting down") for d in list(self.deployments)))

@@ -51,6 +51,9 @@ class ByteSize(click.ParamType):
 @click.option("--namespace", envvar=ENV_NAMESPACE, default=DEFAULT_NAMESPACE, show_default=True, help="Prefix of the Redis keys.")
 @click.option("--heartbeat-ttl", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
               help="Seconds without a heartbeat after which consumers consider this sidecar dead.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Port of Prometheus /metrics; 0 picks a free one (advertised in Redis). On 127.0.0.1 unless "
+                   "$CORNSERVE_METRICS_HOST says otherwise.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO", show_default=True)
 def sidecar(
     sidecar_id: str,
@@ -62,6 +65,7 @@ def sidecar(
     token: str,
     namespace: str,
     heartbeat_ttl: float,
+    metrics_port: int,
     log_level: str,
 ) -> None:
     """Run the tensor sidecar of this node: it holds tensors in shared memory and serves them to peers."""
@@ -76,7 +80,7 @@ def sidecar(
     directory = Directory.connect(namespace=namespace)
     config = SidecarConfig(
         sidecar_id=sidecar_id, capacity=capacity, host=host, port=port, advertise_host=advertise_host,
-        shm_dir=shm_dir, token=token, heartbeat_ttl=heartbeat_ttl,
+        shm_dir=shm_dir, token=token, heartbeat_ttl=heartbeat_ttl, metrics_port=metrics_port,
     )  # fmt: skip
     try:
         server = SidecarServer(config, directory)
@@ -88,7 +92,8 @@ def sidecar(
     if embedded:
         click.echo(f"started an embedded Redis: export {redis_server.ENV_URL}={redis_server.redis_url()}")
     member = server.member
-    click.echo(f"sidecar ready id={member.id} address={member.address} arena={member.arena} capacity={member.capacity}", nl=True)
+    click.echo(f"sidecar ready id={member.id} address={member.address} arena={member.arena} capacity={member.capacity} "
+               f"metrics={server.metrics_url or '-'}", nl=True)
     server.serve_forever()
 
 

@@ -21,6 +21,7 @@ import pathlib
 import threading
 import time
 import uuid
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -42,6 +43,30 @@ DEFAULT_TTL_S = 600.0
 DEFAULT_TIMEOUT_S = 60.0
 WAIT_SLICE_S = 1.0  # a get waits for a tensor's publication in blocking Redis calls this long
 IO_TIMEOUT_S = 30.0  # on top of a request's own timeout, for the sidecar's reply
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One tensor read or written, for the deck of the invocation that did it: which, how big, by
+    which path (this node's shared memory, or a copy pulled from another node's sidecar), how long
+    (a call for many tensors counts its whole time against each)."""
+
+    op: str  # "put" | "get"
+    id: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    path: str  # "shared memory" | "cross-node from <sidecar id>"
+    seconds: float
+    at: float  # epoch seconds, when the call began
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape)}
+
+
+def _transfers(op: str, refs: list[TensorRef], paths: list[str], began: float, seconds: float) -> list[Transfer]:
+    return [Transfer(op, ref.id, tuple(ref.shape), ref.dtype, ref.nbytes, path, seconds, began)
+            for ref, path in zip(refs, paths, strict=True)]
 
 
 class SidecarClient:
@@ -89,13 +114,18 @@ class SidecarClient:
         ttl: float = DEFAULT_TTL_S,
         ids: list[str | None] | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        trace: list[Transfer] | None = None,
     ) -> list[TensorRef]:
         """`put` for a batch of tensors (each with the same consumers and TTL): one request to the
-        sidecar and one round trip to Redis per `wire.MAX_ALLOC` tensors, all of them or none."""
+        sidecar and one round trip to Redis per `wire.MAX_ALLOC` tensors, all of them or none.
+        `trace` receives one `Transfer` per tensor."""
+        began, clock = time.time(), time.perf_counter()
         refs: list[TensorRef] = []
         for start in range(0, len(many), wire.MAX_ALLOC):
             part = many[start:start + wire.MAX_ALLOC]
             refs += self._put_part(part, consumers, ttl, (ids or [None] * len(many))[start:start + len(part)], timeout)
+        if trace is not None:
+            trace += _transfers("put", refs, ["shared memory"] * len(refs), began, time.perf_counter() - clock)
         return refs
 
     def _put_part(self, part: list[tensors.TensorLike], consumers: int, ttl: float, ids: list[str | None],
@@ -139,17 +169,25 @@ class SidecarClient:
             arena_name, offset = copy.arena, copy.offset
         return tensors.tensor_over(self._arena(arena_name).buffer, offset, entry.ref.shape, entry.ref.dtype)
 
-    def get_many(self, refs: list[TensorRef], *, timeout: float = DEFAULT_TIMEOUT_S) -> list[torch.Tensor]:
+    def get_many(self, refs: list[TensorRef], *, timeout: float = DEFAULT_TIMEOUT_S,
+                 trace: list[Transfer] | None = None) -> list[torch.Tensor]:
         """`get` for many refs: one round trip to Redis for those this node holds (the usual case
-        between an encoder and an LLM on one node); any other goes the way of `get`."""
+        between an encoder and an LLM on one node); any other goes the way of `get`. `trace`
+        receives one `Transfer` per tensor."""
+        began, clock = time.time(), time.perf_counter()
         found = self.directory.lookup_many([(ref.id, ref.location or self.sidecar_id) for ref in refs])
-        views = []
+        views, paths = [], []
         for ref, (entry, alive) in zip(refs, found, strict=True):
             if entry is not None and alive and entry.state is TensorState.READY and entry.holder == self.sidecar_id:
                 views.append(tensors.tensor_over(self._arena(entry.arena).buffer, entry.offset, entry.ref.shape,
                                                  entry.ref.dtype))
+                paths.append("shared memory")
             else:
                 views.append(self.get(ref, timeout=timeout))
+                holder = entry.holder if entry is not None else (ref.location or self.sidecar_id)
+                paths.append("shared memory" if holder == self.sidecar_id else f"cross-node from {holder}")
+        if trace is not None:
+            trace += _transfers("get", refs, paths, began, time.perf_counter() - clock)
         return views
 
     def release(self, ref: TensorRef | str) -> None:

@@ -155,6 +155,15 @@ class Directory:
     def is_alive(self, sidecar_id: str) -> bool:
         return bool(self.redis.exists(self._key("sidecar", sidecar_id)))
 
+    def member_key(self, sidecar_id: str) -> str:
+        """The membership key: it exists while the sidecar heartbeats."""
+        return self._key("sidecar", sidecar_id)
+
+    @property
+    def metrics_key(self) -> str:
+        """The hash where this namespace's sidecars advertise their metrics (`cornserve:metrics` by default)."""
+        return f"{self.namespace}:metrics"
+
     def ensure_id_free(self, member: Member) -> None:
         """Refuse to start a second live sidecar with `member`'s id; forget a crashed one's membership."""
         existing = self.member(member.id)

@@ -7,7 +7,9 @@ One process per node. It
   into its own arena for local consumers (`fetch`);
 - frees a tensor when its last consumer releases it (a Redis list it blocks on) or when its TTL
   expires (a timer thread), and heartbeats its membership so consumers can tell it is alive;
-- on start, removes what a crashed earlier incarnation with the same id left behind.
+- on start, removes what a crashed earlier incarnation with the same id left behind;
+- serves Prometheus metrics (`flyte_cornserve.metrics`: tensors, bytes by path, arena, waits for room),
+  advertised in Redis under `sidecar:<id>`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 
 import redis
 
+from .. import metrics as prom
 from .allocator import ExtentAllocator
 from .arena import Arena, new_arena_name, remove_stale_arenas
 from .connections import ConnectionPool
@@ -59,6 +62,7 @@ class SidecarConfig:
     token: str = ""
     heartbeat_ttl: float = 3.0
     io_timeout: float = 30.0
+    metrics_port: int | None = 0  # Prometheus /metrics (0: a free port; None: not served)
 
 
 @dataclasses.dataclass
@@ -99,18 +103,30 @@ class SidecarServer:
             capacity=self._allocator.capacity,
         )
         self.arena: Arena | None = None
+        self.metrics = prom.SidecarMetrics(config.sidecar_id, self.stats)
+        self._metrics_server: prom.MetricsServer | None = None
+        self._metrics_since = time.time()
 
     def start(self) -> None:
         """Clean up after a crashed earlier incarnation, create the arena and join the membership."""
         self.directory.ensure_id_free(self.member)
+        if self.config.metrics_port is not None:  # first: a port in use fails before anything is created
+            self._metrics_server = prom.serve(self.metrics.registry, self.config.metrics_port)
         stale = remove_stale_arenas(self.config.shm_dir, self.config.sidecar_id)
         forgotten = self.directory.forget_all(self.config.sidecar_id)
         if stale or forgotten:
             log.warning("sidecar %s: removed %d stale arena file(s) and %d stale tensor(s)", self.config.sidecar_id, len(stale), forgotten)
         self.arena = Arena.create(self.config.shm_dir, self.member.arena, self._allocator.capacity)
         self.directory.heartbeat(self.member, self.config.heartbeat_ttl)
+        if self._metrics_server is not None:
+            self._advertise()
         for loop in (self._heartbeat_loop, self._release_loop, self._expiry_loop):
             threading.Thread(target=_surviving_redis_errors(loop, self._stopping), name=loop.__name__, daemon=True).start()
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where it serves Prometheus metrics, once started (None if it does not)."""
+        return self._metrics_server.url if self._metrics_server is not None else None
 
     def serve_forever(self) -> None:
         """Serve until `shutdown()`, then free everything and leave the membership."""
@@ -134,6 +150,9 @@ class SidecarServer:
             keys = list(self._holdings)
         for key in keys:
             self._free(key)
+        if self._metrics_server is not None:
+            prom.withdraw_sync(self.directory.redis, f"sidecar:{self.config.sidecar_id}", self.directory.metrics_key)
+            self._metrics_server.close()
         self.directory.deregister(self.member)
         if self.arena is not None:
             self.arena.unlink()
@@ -201,6 +220,7 @@ class SidecarServer:
             for placement in placed:
                 self._free(placement.key)
             raise
+        self.metrics.bytes[prom.LOCAL_PUT].inc(sum(ref.nbytes for ref in request.refs))
         return wire.Placements(placements=placed)
 
     def _fetch(self, request: wire.FetchRequest) -> wire.Placement:
@@ -221,6 +241,7 @@ class SidecarServer:
         except BaseException:
             self._free(key)
             raise
+        self.metrics.bytes[prom.TCP_FETCHED].inc(entry.ref.nbytes)
         return wire.Placement(key=key, arena=self.arena.name, offset=offset, expires_at=entry.expires_at)
 
     def _pull(self, holder: Member, entry: TensorEntry, into: memoryview) -> None:
@@ -259,6 +280,7 @@ class SidecarServer:
         ref = entry.ref
         wire.send_reply(sock, wire.Empty())
         wire.send_tensor(sock, wire.TensorHeader(ref.dtype, ref.shape, ref.nbytes, holding.checksum), payload)
+        self.metrics.bytes[prom.TCP_SERVED].inc(ref.nbytes)
 
     # --- memory ----------------------------------------------------------------------------------
 
@@ -272,8 +294,10 @@ class SidecarServer:
             if key in self._holdings:
                 raise SidecarError(f"tensor id {key!r} is already in use; ids must be unique while their tensors live")
             self._waiting += 1
+            waited_since: float | None = None
             try:
                 while (offset := self._allocator.allocate(nbytes)) is None:
+                    waited_since = waited_since or time.monotonic()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise MemoryCapExceeded(
@@ -283,6 +307,9 @@ class SidecarServer:
                     self._space_freed.wait(remaining)
             finally:
                 self._waiting -= 1
+                if waited_since is not None:
+                    self.metrics.waits.inc()
+                    self.metrics.wait_seconds.inc(time.monotonic() - waited_since)
             self._holdings[key] = _Holding(offset, nbytes, expires_at)
             if not self._expiries or expires_at < self._expiries[0][0]:
                 self._schedule_changed.notify()
@@ -292,6 +319,7 @@ class SidecarServer:
         except OSError as e:
             self._free(key)
             raise MemoryCapExceeded(f"shared memory in {self.config.shm_dir} is full ({e}); lower the sidecar's memory cap") from None
+        self.metrics.allocated.inc()
         return offset
 
     def _free(self, key: str) -> None:
@@ -313,6 +341,13 @@ class SidecarServer:
                 log.error("sidecar id %s was taken over by another process; stopping", self.config.sidecar_id)
                 threading.Thread(target=self.shutdown, daemon=True).start()
                 return
+            if self._metrics_server is not None:  # again each beat: an entry outlives a Redis restart
+                self._advertise()
+
+    def _advertise(self) -> None:
+        where = prom.endpoint(f"sidecar:{self.config.sidecar_id}", "sidecar", self._metrics_server,
+                              self.directory.member_key(self.config.sidecar_id), self._metrics_since)
+        prom.advertise_sync(self.directory.redis, where, self.directory.metrics_key)
 
     def _release_loop(self) -> None:
         """Free each tensor whose last consumer released it."""

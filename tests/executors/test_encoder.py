@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import socket
-import urllib.request
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from flyte_cornserve.models.tiny import draw
 from flyte_cornserve.services.invocations import ErrorKind, InvocationStore, State, queue_key
 from flyte_cornserve.task import TensorRef
 
+from ..scrape import eventually, scrape, series
 from .conftest import run
 
 TASK = EncoderTask(model_id="tiny-llava")
@@ -104,14 +104,20 @@ def test_invalid_input_fields_name_the_field(encoder, redis_url):
     assert record.state == State.ERROR and "data" in record.error and "Field required" in record.error
 
 
-def test_health_and_metrics(encoder, redis_url):
-    run(submit_all(redis_url, [{"data": data_url(draw("red", "square", "blue", random.Random(2)))}]))
-    base = f"http://127.0.0.1:{encoder.metrics_port}"
-    assert urllib.request.urlopen(f"{base}/healthz").read() == b"ok\n"
-    metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
-    done = [line for line in metrics.splitlines() if line.startswith('cornserve_invocations_total{state="DONE"}')]
-    assert done and float(done[0].split()[-1]) >= 1
-    assert "cornserve_batch_size_bucket" in metrics and "cornserve_queue_depth" in metrics
+def test_metrics_on_the_given_port(encoder, redis_url):
+    url = f"http://127.0.0.1:{encoder.metrics_port}/metrics"
+    ids = {"deployment": TASK.deployment_id(), "executor": encoder.id}
+    done = series("cornserve_executor_invocations_total", **ids, state="DONE", kind="")
+    runs, batches = series("cornserve_executor_run_seconds_count", **ids), series("cornserve_executor_batch_size_count", **ids)
+    before = scrape(url)
+    (record,) = run(submit_all(redis_url, [{"data": data_url(draw("red", "square", "blue", random.Random(2)))}]))
+    assert record.state == State.DONE
+    # the executor counts right after its outcome is stored, which is also when the submitter wakes
+    eventually(lambda: scrape(url)[runs] > before[runs], "the executor to count its outcome (then time it)")
+    after = scrape(url)
+    assert after[done] == before[done] + 1
+    assert after[runs] == before[runs] + 1 and after[batches] == before[batches] + 1
+    assert series("cornserve_executor_queue_depth", **ids) in after
 
 
 def test_an_invocation_cancelled_while_queued_is_skipped_and_the_next_is_served(encoder, redis_url):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import urllib.request
 
 import pytest
 import redis
@@ -17,6 +16,7 @@ from flyte_cornserve.descriptors import descriptor_for
 from flyte_cornserve.models.tiny import COLORS, PROMPT, SHAPES, draw, llava_prompt
 from flyte_cornserve.services.invocations import MAX_BLOCK_S, ErrorKind, InvocationStore, State, events_key, queue_key
 
+from ..scrape import scrape, series
 from .conftest import run
 from .test_encoder import data_url, free_port
 
@@ -148,9 +148,9 @@ async def reached(store: InvocationStore, invocation_id: str, state: State, time
 
 
 def aborted_total(process, state: State) -> float:
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics").read().decode()
-    prefix = f'cornserve_aborted_total{{state="{state.value}"}} '
-    return next((float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix)), 0.0)
+    metrics = scrape(f"http://127.0.0.1:{process.metrics_port}/metrics")
+    return metrics[series("cornserve_executor_aborted_total", deployment=LLM.deployment_id(), executor=process.id,
+                          state=state.value)]
 
 
 @pytest.mark.parametrize(("end", "state"), [("cancel", State.CANCELLED), ("time_out", State.ERROR)])

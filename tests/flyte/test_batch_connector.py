@@ -1,12 +1,14 @@
 """A batch chunk node driven over flyteidl gRPC exactly as FlytePropeller drives it: CreateTask (more
 than once, with the node execution in `task_execution_metadata`), GetTask polls, DeleteTask; with the
-connector service restarted between polls, and the control plane restarted mid-batch."""
+connector service restarted between polls, and the control plane restarted mid-batch; the chunk's
+live deck as headless Chromium renders it, and its outputs where Propeller reads them."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import pathlib
+import shutil
 import time
 import uuid
 from collections import OrderedDict
@@ -31,7 +33,9 @@ from flyte_cornserve.services.batches import BatchState, BatchStore, ItemState
 from flyte_cornserve.services.dispatcher import Dispatcher
 from flyte_cornserve.task import task_reference
 
-from ..connector import ConnectorProcess
+from ..browser import rendered_dom, screenshot
+from ..connector import ConnectorProcess, outputs_at
+from ..html_deck import parse, read_deck
 from ..stack import Stack
 
 #: slow enough items (64 generated tokens, 16 in flight) that a batch of ITEMS takes seconds
@@ -103,12 +107,17 @@ def wait_until(connector: ConnectorProcess, meta: bytes, url: str, done_at_least
     raise AssertionError(f"the batch did not get there within {timeout_s} s")
 
 
-def check_every_item_ended_once(url: str, meta: bytes, resource) -> None:
+def chunk_result(resource, output_prefix: pathlib.Path) -> ChunkResult:
+    """The chunk node's output, read from `outputs.pb` as Propeller reads it."""
+    literal = outputs_at(resource, output_prefix).literals["o0"]
+    return TypeEngine.to_python_value(FlyteContextManager.current_context(), Literal.from_flyte_idl(literal), ChunkResult)
+
+
+def check_every_item_ended_once(url: str, meta: bytes, resource, output_prefix: pathlib.Path) -> None:
     batch, _ = asyncio.run(_batch(url, batch_id(meta)))
     assert resource.phase == TaskExecution.SUCCEEDED, resource.message
     assert batch.state is BatchState.DONE and (batch.done, batch.failed) == (ITEMS, 0)  # each row counted once
-    result = TypeEngine.to_python_value(FlyteContextManager.current_context(),
-                                        Literal.from_flyte_idl(resource.outputs.literals["o0"]), ChunkResult)
+    result = chunk_result(resource, output_prefix)
     rows = [json.loads(line) for line in pathlib.Path(result.results.download()).read_text().splitlines()]
     assert [row["id"] for row in rows] == [f"p{i:03d}" for i in range(ITEMS)]
     assert all(row["state"] == "DONE" and row["text"] for row in rows)
@@ -129,7 +138,7 @@ def test_a_repeated_create_is_the_same_batch_which_survives_a_connector_restart(
     assert batch_id(again) == batch_id(first)
     wait_until(connector, first, stack.url, done_at_least=1)
     connector.restart()  # a restarted (or another) replica: it finds the batch from the metadata alone
-    check_every_item_ended_once(stack.url, first, wait_until(connector, first, stack.url))
+    check_every_item_ended_once(stack.url, first, wait_until(connector, first, stack.url), tmp_path)
     other = create(connector.stub, chunk, uuid.uuid4().hex[:20], tmp_path)  # another node execution
     assert batch_id(other) != batch_id(first)
     get(connector.stub, other)
@@ -174,7 +183,7 @@ def test_a_control_plane_restart_mid_batch_resumes_it_and_every_item_ends_once(o
         own_stack.restart()  # stops its executors too: the new one deploys them again
         batch, _ = asyncio.run(_batch(own_stack.url, batch_id(meta)))
         assert batch.state is BatchState.RUNNING and 0 < batch.done < ITEMS  # it really was mid-batch
-        check_every_item_ended_once(own_stack.url, meta, wait_until(connector, meta, own_stack.url))
+        check_every_item_ended_once(own_stack.url, meta, wait_until(connector, meta, own_stack.url), tmp_path)
     finally:
         connector.stop()
 
@@ -213,11 +222,57 @@ def test_a_node_retry_after_a_failure_reruns_only_the_items_that_did_not_succeed
     assert done.phase == TaskExecution.SUCCEEDED, done.message
     batch, _ = asyncio.run(_batch(stack.url, batch_id(first)))
     assert (batch.done, batch.failed) == (len(names), 0)
-    result = TypeEngine.to_python_value(FlyteContextManager.current_context(),
-                                        Literal.from_flyte_idl(done.outputs.literals["o0"]), ChunkResult)
+    result = chunk_result(done, tmp_path)
     rows = {row["id"]: row for row in map(json.loads, pathlib.Path(result.results.download()).read_text().splitlines())}
     kept = {row.id: row for row in before if row.state is ItemState.DONE}
     assert len(kept) == len(names) - 1
     for name, row in kept.items():  # not run again: the very same row
         assert (rows[name]["text"], rows[name]["latency_s"]) == (row.output["text"], round(row.latency_s, 4))
     assert rows["blue-circle-on-yellow.png"]["state"] == "DONE" and "circle" in rows["blue-circle-on-yellow.png"]["text"]
+
+
+def test_a_running_chunks_deck_is_live_and_the_final_one_holds_progress_stages_and_errors(connector, stack, tmp_path):
+    """The deck Propeller shows while the chunk runs (rewritten at each GetTask) as Chromium renders
+    it, at two polls; then, after SUCCEEDED, the deck and `outputs.pb` under the output prefix."""
+    items, bad = 120, {17: "bad-a", 60: "bad-b", 101: "bad-c"}  # rows with an empty prompt: their own errors
+    manifest = tmp_path / "prompts.jsonl"
+    manifest.write_text("".join(json.dumps({"id": bad.get(i, f"p{i:03d}"), "prompt": "" if i in bad else f"tell {i}"})
+                                + "\n" for i in range(items)))
+    (planned,) = plan_chunks.task_function(task=task_reference(SLOW), chunk_size=items, manifest=FlyteFile(str(manifest)))
+    prefix = tmp_path / "n0"
+    meta = create(connector.stub, planned, uuid.uuid4().hex[:20], prefix)
+
+    wait_until(connector, meta, stack.url, done_at_least=8)
+    assert get(connector.stub, meta).phase == TaskExecution.RUNNING  # this poll rewrote the deck
+    first = shutil.copy(prefix / "deck.html", tmp_path / "deck-first.html")
+    done_then = asyncio.run(_batch(stack.url, batch_id(meta)))[0].done  # at least what the first deck shows
+    wait_until(connector, meta, stack.url, done_at_least=done_then + 16)
+    get(connector.stub, meta)
+    second = shutil.copy(prefix / "deck.html", tmp_path / "deck-second.html")
+
+    counters = []
+    for deck_file in (first, second):  # as the console's browser shows them
+        page = parse(rendered_dom(pathlib.Path(deck_file)))
+        counters.append({name: page.text_of(name) for name in ("items-done", "items-failed", "items-total",
+                                                                     "chunk-state")})
+        assert screenshot(pathlib.Path(deck_file), pathlib.Path(deck_file).with_suffix(".png")).read_bytes()[:8] \
+            == b"\x89PNG\r\n\x1a\n"
+    assert counters[0]["chunk-state"] == "RUNNING" and counters[0]["items-total"] == str(items)
+    assert 8 <= int(counters[0]["items-done"]) < int(counters[1]["items-done"])
+    assert int(counters[0]["items-failed"]) <= int(counters[1]["items-failed"]) <= len(bad)
+
+    resource = wait_until(connector, meta, stack.url)
+    assert resource.phase == TaskExecution.SUCCEEDED, resource.message
+    result = chunk_result(resource, prefix)
+    assert (result.items, result.succeeded, result.failed) == (items, items - len(bad), len(bad))
+    deck = read_deck(prefix / "deck.html")
+    assert (deck.text_of("items-done"), deck.text_of("items-failed")) == (str(items - len(bad)), str(len(bad)))
+    chart = deck.by_id("progress-chart")
+    assert chart.tag == "svg" and len(chart.find_all("polyline", "done")[0].attrs["points"].split()) >= 2
+    (stage,) = deck.rows("stages")
+    assert stage[0] == "LLMTask tiny-llava" and int(stage[1]) == items - len(bad)
+    p50, p90, p99 = (float(cell) for cell in stage[-3:])  # latency percentiles, ms
+    assert 0 < p50 <= p90 <= p99
+    errors = deck.rows("errors", "error")
+    assert [row[0] for row in errors] == list(bad.values()) and all("prompt" in row[1] for row in errors)
+    assert [row[2] for row in deck.rows("executors", "executor")] == [str(items - len(bad))]

@@ -68,6 +68,16 @@ def test_tasks_have_the_cornserve_type_and_the_unit_task_json(package):
     assert classes == {"EncoderTask", "LLMTask"}
 
 
+def test_every_cornserve_task_generates_a_deck(package):
+    """Propeller shows a node's deck only if its template's metadata says `generates_deck`."""
+    cornserve = [spec for spec in package["tasks"] if spec.template.type in ("cornserve", "cornserve_batch")]
+    assert {spec.template.type for spec in cornserve} == {"cornserve", "cornserve_batch"}
+    assert all(spec.template.metadata.generates_deck.value for spec in cornserve), [
+        spec.template.id.name for spec in cornserve if not spec.template.metadata.generates_deck.value]
+    others = [spec for spec in package["tasks"] if spec not in cornserve]  # plain tasks: flytekit's default
+    assert others and not any(spec.template.metadata.generates_deck.value for spec in others)
+
+
 def test_image_variant_is_exactly_encoder_then_llm(package):
     nodes = workflow(package, "caption").template.nodes
     kinds = [MessageToDict(task_of(package, n).template.custom)["unit_task"]["task_class"] for n in nodes]

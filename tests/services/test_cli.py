@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,10 @@ def test_up_deploy_status_undeploy_down(home: pathlib.Path) -> None:
     shown = cornserve(home, "status").stdout
     assert task.deployment_id() in shown and "READY" in shown and "cpu=2 memory=4Gi gpu=0" in shown
     assert "cpu=1 memory=2Gi gpu=0" in shown  # what is left once the encoder (1 cpu, 2Gi) reserved its share
+    endpoint = r"│\s*(\S+)\s*│\s*(\d+)\s*│\s*(http://127\.0\.0\.1:\d+/metrics)\s*│"
+    listed = {name.split(":")[0]: (int(pid), url) for name, pid, url in re.findall(endpoint, shown)}
+    assert set(listed) == {"control-plane", "executor", "sidecar"}, shown  # where each process serves metrics
+    assert listed["control-plane"][0] == state["pid"]  # the daemon runs the control plane
 
     assert f"{task.deployment_id()}  stopped" in cornserve(home, "undeploy", task.deployment_id()).stdout
     assert task.deployment_id() not in cornserve(home, "status").stdout

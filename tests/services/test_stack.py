@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from cornserve_builtins.encoder import EncoderTask
 from cornserve_builtins.llm import LLMInput, LLMTask, SamplingParams
 from cornserve_builtins.mllm import MLLMTask
 from flyte_cornserve.flyte import call
+from flyte_cornserve.flyte.decks import invocation_view
 from flyte_cornserve.redis_server import ASYNC_POOL_SIZE, ENV_URL, connect_async
 from flyte_cornserve.services.control import (
     Deployment,
@@ -33,6 +35,7 @@ from flyte_cornserve.services.dispatcher import Dispatcher
 from flyte_cornserve.services.invocations import ErrorKind, InvocationStore, State, events_key
 from flyte_cornserve.task import Resources, TaskOptions, TensorRef
 
+from ..html_deck import read_deck
 from ..stack import Stack, wait_for_event
 
 PROJECT = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -156,6 +159,7 @@ def test_routing_picks_the_least_loaded_deployed_model(stack: Stack) -> None:
                 assert output.text
                 answered = (await dispatcher.store.recent(1))[0]
                 assert answered.deployment_id == other.deployment_id() and answered.state is State.DONE
+                assert answered.route.startswith("least backlog per executor among 2 deployed candidates")
             finally:
                 os.kill(pid, signal.SIGCONT)
             for submission in held:
@@ -193,6 +197,12 @@ def test_an_executor_killed_mid_invocation_is_restarted_and_the_invocation_compl
         for submission in interrupted:
             record = await store.record(submission.invocation_id)
             assert record.attempt == 2 and record.executor == restarted["detail"]
+            # its deck tells both attempts apart, and why the second happened
+            first, second = invocation_view(record).attempts
+            assert (first.ended_at, first.outcome) == (None, "taken over: attempt 2: the executor that ran it "
+                                                             "before stopped heartbeating (died)")
+            assert second.executor == restarted["detail"] and second.outcome == "DONE"
+            assert first.executor != second.executor
         deployment = await load_deployment(stack.client(), survivor.deployment_id())
         assert deployment is not None and deployment.restarts >= 1 and deployment.executors == [restarted["detail"]]
         return pid
@@ -211,6 +221,14 @@ def test_pyflyte_run_prints_a_caption(stack: Stack) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     caption = done.stdout.strip().splitlines()[-1]
     assert "background" in caption, done.stdout
+    # each node's deck is written where flytekit writes a task's deck, and the run says where
+    said = [line.split("deck at ", 1)[1] for line in done.stderr.splitlines() if "deck at file://" in line]
+    assert len(said) == 2, done.stderr[-3000:]  # the encoder node and the LLM node
+    for uri, title in zip(said, ("EncoderTask tiny-llava", "LLMTask tiny-llava")):
+        deck = read_deck(pathlib.Path(uri.removeprefix("file://")))
+        assert deck.root.find_all("h1")[0].text().strip() == title
+        assert [row[1] for row in deck.rows("timeline", "event")] == ["CREATED", "QUEUED", "RUNNING", "DONE"]
+        assert len(deck.rows("tensors", "tensor")) == 1  # the embedding: written by one, read by the other
 
 
 def test_status_shows_deployments_executors_and_recent_invocations(stack: Stack) -> None:

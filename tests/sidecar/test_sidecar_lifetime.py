@@ -102,7 +102,7 @@ def test_a_restarted_sidecar_removes_what_its_crashed_predecessor_left(sidecars)
     assert any(ref.id in key for key in sidecars.directory.keys())
     restarted = sidecars.start(crashed.id)  # same id, same node: takes over at once
     assert shm_files(restarted) == {restarted.arena} != {crashed.arena}
-    assert sidecars.directory.keys() == {f"{sidecars.namespace}:sidecar:{crashed.id}"}
+    assert sidecars.directory.keys() == {f"{sidecars.namespace}:sidecar:{crashed.id}", sidecars.directory.metrics_key}
     with pytest.raises(TensorNotFound, match="is gone"):
         client.get(ref, timeout=5)
     assert restarted.address != crashed.address

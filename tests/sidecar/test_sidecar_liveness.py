@@ -37,7 +37,8 @@ def test_stopped_producer_sidecar_frees_everything_and_fails_later_gets(sidecars
     ref = sidecars.client(a).put(torch.ones(1000))
     a.stop()  # SIGTERM: frees its tensors, removes its arena and leaves the membership
     assert not a.arena_path.exists()
-    assert sidecars.directory.keys() == {f"{sidecars.namespace}:sidecar:{b.id}"}
+    assert sidecars.directory.keys() == {f"{sidecars.namespace}:sidecar:{b.id}", sidecars.directory.metrics_key}
+    assert sidecars.directory.redis.hkeys(sidecars.directory.metrics_key) == [f"sidecar:{b.id}"]  # a withdrew
     with pytest.raises(ProducerSidecarDead, match=f"its sidecar '{a.id}' is not alive"):
         sidecars.client(b).get(ref, timeout=TIMEOUT_S)
 
