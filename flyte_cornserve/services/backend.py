@@ -24,11 +24,21 @@ from flyte_cornserve.redis_server import ENV_URL
 from flyte_cornserve.sidecar.directory import ENV_NAMESPACE, ENV_SIDECAR_ID
 from flyte_cornserve.task import Resources
 
+from . import leftovers
 from .resources import GROUP_CPU, GROUP_GPU, Capacity, Node
 
 #: how the local backend runs the project's command line in a child process
 CLI = [sys.executable, "-c", "from flyte_cornserve.cli import main; main()"]
 LOG_TAIL_LINES = 40
+#: seconds a child whose control plane died has to stop (SIGTERM) before its group is SIGKILLed
+ORPHAN_GRACE_S = 10.0
+
+
+def guarded(command: list[str], grace_s: float = ORPHAN_GRACE_S) -> list[str]:
+    """`command`, run so that it (and its process group) dies with this process (`guard.py`): start it
+    with `process_group=0`. It keeps its pid and exit code."""
+    return [sys.executable, str(pathlib.Path(__file__).with_name("guard.py")), str(os.getpid()), f"{grace_s:g}",
+            *command]
 
 
 class ExecutorStartError(RuntimeError):
@@ -103,7 +113,9 @@ class ExecutorBackend(ABC):
 class LocalProcess:
     """A child process whose output goes to a log file, with readiness read from that output."""
 
-    def __init__(self, command: list[str], env: dict[str, str], log_path: pathlib.Path, ready_marker: str) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], log_path: pathlib.Path, ready_marker: str,
+                 **leaves: str) -> None:
+        """`leaves`: what it leaves behind if killed, for `leftovers.record` (a sidecar's `sidecar_id`)."""
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._exited: asyncio.Future[int] = self._loop.create_future()
@@ -111,12 +123,13 @@ class LocalProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            guarded(command), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             # its own process group: a Ctrl-C in the terminal does not reach it, and killpg ends its
-            # children. Not its own session: with the kernel's autogroup scheduling a session is
+            # children (also when the control plane dies: see `guarded`). Not its own session: with the kernel's autogroup scheduling a session is
             # its own CPU-share group, and executors should compete like the stack's other processes.
             process_group=0,
         )
+        leftovers.record(self.process.pid, log_path.stem, **leaves)  # the embedded stack's `cornserve down` finds it
         threading.Thread(target=self._follow, args=(ready_marker,), daemon=True, name=f"log-{log_path.stem}").start()
         threading.Thread(target=self._reap, daemon=True, name=f"reap-{log_path.stem}").start()
 
@@ -227,6 +240,7 @@ class LocalBackend(ExecutorBackend):
             self._sidecar = LocalProcess(
                 [*CLI, "sidecar", "--id", self._sidecar_id, "--memory-cap", self.sidecar_memory_cap],
                 self._env(), self.logs / f"sidecar-{self._sidecar_id}.log", "sidecar ready",
+                sidecar_id=self._sidecar_id,
             )
             await self._sidecar.ready(f"sidecar {self._sidecar_id}")
 

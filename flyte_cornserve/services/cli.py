@@ -41,10 +41,17 @@ def _machine_gpus() -> int:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="port of the control plane's Prometheus /metrics; 0 picks a free one (`cornserve status` shows "
                    "it). On 127.0.0.1 unless $CORNSERVE_METRICS_HOST says otherwise")
+@click.option("--restart-limit", type=click.IntRange(min=1), default=5, show_default=True,
+              help="an executor that exits this many times within --restart-window fails its deployment")
+@click.option("--restart-window", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="seconds within which an executor's exits count towards --restart-limit")
+@click.option("--restart-backoff", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+              help="seconds before restarting an executor that exited; doubles with each exit in the window (30 s at most)")
 @click.option("--foreground", is_flag=True, help="run the control plane in this process (e.g. in a container)")
 @click.option("--announce", is_flag=True, hidden=True, help="print the ready line, then log to the stack's log file")
 def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, batch_in_flight: int | None,
-       metrics_port: int, foreground: bool, announce: bool) -> None:
+       metrics_port: int, restart_limit: int, restart_window: float, restart_backoff: float, foreground: bool,
+       announce: bool) -> None:
     """Start the stack: Redis (embedded unless CORNSERVE_REDIS_URL is set) and the control plane."""
     from flyte_cornserve.task import Resources
 
@@ -55,7 +62,10 @@ def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, 
     batch_in_flight = batch_in_flight or DEFAULT_MAX_IN_FLIGHT
     capacity_args = ["--cpu", str(cpu or os.cpu_count() or 1), "--memory", memory,
                      "--gpu", str(_machine_gpus() if gpu is None else gpu), "--idle-ttl", str(idle_ttl),
-                     "--batch-in-flight", str(batch_in_flight), "--metrics-port", str(metrics_port)]
+                     "--batch-in-flight", str(batch_in_flight), "--metrics-port", str(metrics_port),
+                     "--restart-limit", str(restart_limit), "--restart-window", str(restart_window),
+                     "--restart-backoff", str(restart_backoff)]
+    restarts = {"restart_limit": restart_limit, "restart_window_s": restart_window, "restart_backoff_s": restart_backoff}
     if not foreground:
         from flyte_cornserve.redis_server import ENV_URL
 
@@ -72,11 +82,11 @@ def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, 
         click.echo(f"the stack is up: redis {url}; logs in {stack_dir() / 'logs'}")
         return
     _serve(cpu or os.cpu_count() or 1, Resources(memory=memory).memory_bytes,
-           _machine_gpus() if gpu is None else gpu, idle_ttl, batch_in_flight, announce, metrics_port)
+           _machine_gpus() if gpu is None else gpu, idle_ttl, batch_in_flight, announce, metrics_port, restarts)
 
 
 def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_flight: int, announce: bool,
-           metrics_port: int = 0) -> None:
+           metrics_port: int = 0, restarts: dict[str, float] | None = None) -> None:
     from flyte_cornserve.home import use_project_tmp
     from flyte_cornserve.redis_server import ENV_URL, connect_async, redis_url
 
@@ -88,6 +98,10 @@ def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_fl
     use_project_tmp()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     embedded = not os.environ.get(ENV_URL)
+    if embedded:  # what this daemon starts (Redis, sidecar, executors), for a `cornserve down` after a crash
+        from . import leftovers
+
+        leftovers.start_recording(stack_dir())
     url = redis_url()  # the embedded server unless CORNSERVE_REDIS_URL is set; exported to children
     logs = stack_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -95,7 +109,7 @@ def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_fl
 
     async def main() -> None:
         plane = ControlPlane(connect_async(url), backend, idle_ttl_s=idle_ttl, batch_in_flight=batch_in_flight,
-                             metrics_port=metrics_port)
+                             metrics_port=metrics_port, restarts=restarts)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, plane.request_stop)
@@ -117,6 +131,8 @@ def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_fl
         asyncio.run(main())
     finally:
         clear_state(os.getpid())
+    if embedded:  # a clean stop: the children are stopped (and the Redis is, at exit)
+        leftovers.stop_recording()
 
 
 @click.command("down")
@@ -126,9 +142,18 @@ def down(timeout: float) -> None:
     from . import control
     from .stack import wait_for_exit
 
+    from .leftovers import stop_leftovers
+    from .stack import state_file
+
     url = current_url()
-    if url is None:
-        click.echo("no stack is running")
+    if url is None:  # no live stack; a crashed one may have left processes, arenas, its stack.json
+        stopped = stop_leftovers(stack_dir())
+        stale = state_file().exists()
+        state_file().unlink(missing_ok=True)
+        if stopped or stale:
+            click.echo(f"the stack had crashed; stopped what it left running: {', '.join(stopped) or 'nothing'}")
+        else:
+            click.echo("no stack is running")
         return
     state = read_state()
 
@@ -143,6 +168,8 @@ def down(timeout: float) -> None:
         os.kill(state["pid"], signal.SIGTERM)  # a daemon that no longer answers on Redis
     if state is not None and not wait_for_exit(state["pid"], timeout):
         raise click.ClickException(f"the stack (pid {state['pid']}) did not stop within {timeout:g} s")
+    if state is not None:
+        stop_leftovers(stack_dir())  # anything its clean stop missed
     click.echo("the stack is down")
 
 

@@ -57,13 +57,23 @@ def reply_key(request_id: str) -> str:
 
 
 class ControlPlaneError(RuntimeError):
-    """The control plane refused a request (e.g. a deployment that does not fit) or is not there."""
+    """The control plane refused a request (e.g. a deployment that does not fit) or is not there.
+
+    `recoverable` tells the two apart: a refusal is the request's own fault and retrying it cannot
+    help (False); no control plane serving the Redis, or none answering, is trouble of the
+    infrastructure that a later try may not meet (True).
+    """
+
+    def __init__(self, message: str, *, recoverable: bool = False) -> None:
+        super().__init__(message)
+        self.recoverable = recoverable
 
 
 class DeploymentState(str, Enum):
     DEPLOYING = "DEPLOYING"  # executors starting (loading models)
     READY = "READY"  # at least one executor serves its queue
     STOPPING = "STOPPING"  # undeployed or idle past its TTL; gone once its executors stopped
+    FAILED = "FAILED"  # its executors kept crashing, or it could not be restarted; the next deploy starts afresh
 
 
 @dataclass
@@ -296,12 +306,13 @@ async def request(client: aioredis.Redis, op: str, timeout_s: float,
     """Send `op` to the control plane and wait up to `timeout_s` for its reply.
 
     `progress(seconds_waited)`, if given, is awaited between blocking reads (each <= MAX_BLOCK_S) so
-    a caller can show what the wait is for. Raises `ControlPlaneError` with the refusal's message.
+    a caller can show what the wait is for. Raises `ControlPlaneError` with the refusal's message
+    (not recoverable), or a recoverable one when no control plane is there or none answers in time.
     """
     if await control_plane_info(client) is None:
         raise ControlPlaneError(
             "no cornserve control plane is serving this Redis: start one with `cornserve up` "
-            "(or leave CORNSERVE_REDIS_URL unset to let `pyflyte run` start the embedded stack)"
+            "(or leave CORNSERVE_REDIS_URL unset to let `pyflyte run` start the embedded stack)", recoverable=True,
         )
     request_id = uuid.uuid4().hex
     await client.lpush(REQUESTS_KEY, json.dumps({"id": request_id, "op": op, "args": args}))
@@ -316,5 +327,5 @@ async def request(client: aioredis.Redis, op: str, timeout_s: float,
         if progress is not None:
             await progress(time.monotonic() - started)
         if await control_plane_info(client) is None:
-            raise ControlPlaneError("the cornserve control plane went away before it answered")
-    raise ControlPlaneError(f"the control plane did not answer {op!r} within {timeout_s:g} s")
+            raise ControlPlaneError("the cornserve control plane went away before it answered", recoverable=True)
+    raise ControlPlaneError(f"the control plane did not answer {op!r} within {timeout_s:g} s", recoverable=True)

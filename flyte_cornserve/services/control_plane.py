@@ -15,8 +15,10 @@ import logging
 import os
 import socket
 import time
+import uuid
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from prometheus_client import CollectorRegistry
 
 from flyte_cornserve import metrics
@@ -33,18 +35,32 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 RECONCILE_S = 1.0
+#: refresh the liveness key only while it is ours (or gone): else return who holds it
+_REFRESH = """
+local current = redis.call('GET', KEYS[1])
+if current and not string.find(current, ARGV[2], 1, true) then return current end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return false
+"""
+#: replace the control plane key only if it still holds what we read (two starting at once: one wins)
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return false
+"""
 
 
 class ControlPlane:
     def __init__(self, client: aioredis.Redis, backend: ExecutorBackend, idle_ttl_s: float = 1800.0,
-                 batch_in_flight: int = DEFAULT_MAX_IN_FLIGHT, metrics_port: int = 0) -> None:
+                 batch_in_flight: int = DEFAULT_MAX_IN_FLIGHT, metrics_port: int = 0,
+                 restarts: dict[str, float] | None = None) -> None:
+        """`restarts`: the task manager's restart_limit, restart_window_s, restart_backoff_s."""
         self.redis = client
         self.metrics_port = metrics_port  # 0: a free port; the bound one once serving
         self._metrics: metrics.MetricsServer | None = None
         self._metrics_since = time.time()
         self.backend = backend
         self.resources = ResourceManager(backend.nodes())
-        self.tasks = TaskManager(client, backend, self.resources, idle_ttl_s)
+        self.tasks = TaskManager(client, backend, self.resources, idle_ttl_s, **(restarts or {}))
         self.tasks.on_change = self._publish
         self.batches = BatchRunner(client, self.tasks, max_in_flight=batch_in_flight)
         self._stopping = asyncio.Event()
@@ -52,7 +68,8 @@ class ControlPlane:
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
                      "idle_ttl_s": idle_ttl_s, "batch_in_flight": batch_in_flight, "nodes": self.resources.usage(),
                      "sidecars": {node: backend.sidecar_id(node) for node in self.resources.nodes},
-                     "executor_log": backend.log_template()}
+                     "executor_log": backend.log_template(), "token": uuid.uuid4().hex}
+        self._superseded = False  # another control plane took the liveness key (during a Redis outage)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -61,7 +78,16 @@ class ControlPlane:
         """Serve until `request_stop()` (or a `shutdown` request); then stop every deployment."""
         if not await self.redis.set(CONTROL_PLANE_KEY, json.dumps(self.info), nx=True, px=int(HEARTBEAT_S * 3000)):
             other = await self.redis.get(CONTROL_PLANE_KEY)
-            raise RuntimeError(f"another cornserve control plane already serves this Redis: {other!r}")
+            if not (other is not None and _dead_here(other)
+                    and await self.redis.eval(_TAKE_OVER, 1, CONTROL_PLANE_KEY, other, json.dumps(self.info),
+                                              int(HEARTBEAT_S * 3000))):
+                raise RuntimeError(f"another cornserve control plane already serves this Redis: {other!r}")
+            log.warning("took over from a control plane that died on this host: %s", other)
+        try:  # what the Redis says was deployed: executors that no longer run are started again
+            await self.tasks.recover()
+        except BaseException:
+            await self.redis.delete(CONTROL_PLANE_KEY)
+            raise
         registry = CollectorRegistry()
         registry.register(ControlPlaneCollector(self.redis, asyncio.get_running_loop()))
         try:
@@ -83,16 +109,26 @@ class ControlPlane:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await self.tasks.stop_all()
+            if not self._superseded:  # else the deployments, the key and the entry are the other one's
+                await self.tasks.stop_all()
             await self.backend.close()
-            await metrics.withdraw(self.redis, "control-plane")
-            await self.redis.delete(CONTROL_PLANE_KEY)
+            if not self._superseded:
+                await metrics.withdraw(self.redis, "control-plane")
+                await self.redis.delete(CONTROL_PLANE_KEY)
             self._metrics.close()
             log.info("control plane stopped")
 
     async def _serve(self) -> None:
+        backoff = 0.0
         while not self._stopping.is_set():
-            popped = await self.redis.blpop([REQUESTS_KEY], timeout=min(MAX_BLOCK_S, 1.0))
+            try:
+                popped = await self.redis.blpop([REQUESTS_KEY], timeout=min(MAX_BLOCK_S, 1.0))
+            except RedisError as exc:  # Redis away beyond the client's retries: weather, wait and go on
+                backoff = min(max(2 * backoff, 0.1), 5.0)
+                log.warning("reading control requests failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)  # the retry's backoff
+                continue
+            backoff = 0.0
             if popped is None:
                 continue
             try:
@@ -122,22 +158,40 @@ class ControlPlane:
             log.warning("control request %s failed: %s", op, exc)
             reply = {"ok": False, "error": str(exc)}
         if request.get("id"):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.lpush(reply_key(request["id"]), json.dumps(reply))
-                pipe.expire(reply_key(request["id"]), REPLY_TTL_S)
-                await pipe.execute()
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.lpush(reply_key(request["id"]), json.dumps(reply))
+                    pipe.expire(reply_key(request["id"]), REPLY_TTL_S)
+                    await pipe.execute()
+            except RedisError as exc:  # the caller times out and may ask again
+                log.warning("replying to control request %s failed: %s", op, exc)
 
     # Both loops also end on `_stopping`: redis-py 8 can swallow a cancellation that lands mid-command.
 
     async def _heartbeat(self) -> None:
         while not self._stopping.is_set():
-            await asyncio.sleep(HEARTBEAT_S)  # the heartbeat period
-            await self._publish()
+            await asyncio.sleep(HEARTBEAT_S)  # the heartbeat period (also the backoff after a failure)
+            try:
+                await self._publish()
+            except RedisError as exc:  # Redis away beyond the client's retries: the next beat
+                log.warning("control plane heartbeat failed (%s)", exc)
+            except Exception:  # a bug: logged, the heartbeat goes on
+                log.exception("control plane heartbeat failed")
 
     async def _publish(self) -> None:
-        """Refresh the liveness key, with the nodes' current usage."""
+        """Refresh the liveness key, with the nodes' current usage, if it is still ours (or gone, as
+        after a Redis outage longer than its TTL). Held by another control plane (it started while
+        this one could not reach Redis): this one stops, leaving that one's key and deployments be."""
+        if self._superseded:
+            return
         self.info["nodes"] = self.resources.usage()
-        await self.redis.set(CONTROL_PLANE_KEY, json.dumps(self.info), px=int(HEARTBEAT_S * 3000))
+        other = await self.redis.eval(_REFRESH, 1, CONTROL_PLANE_KEY, json.dumps(self.info), self.info["token"],
+                                      int(HEARTBEAT_S * 3000))
+        if other:
+            self._superseded = True
+            log.error("another control plane took over this Redis while it was unreachable (%s); stopping", other)
+            self.request_stop()
+            return
         await self._advertise()  # again each beat: the entry outlives a Redis restart
 
     async def _advertise(self) -> None:
@@ -152,3 +206,15 @@ class ControlPlane:
                 await self.tasks.reconcile()
             except Exception:
                 log.exception("reconcile failed; trying again next period")
+
+
+def _dead_here(holder: bytes) -> bool:
+    """The control plane key names a process of this host that no longer runs (it crashed less than
+    the key's TTL ago): a new control plane need not wait for the key to expire."""
+    from .stack import process_alive
+
+    try:
+        info = json.loads(holder)
+        return info["host"] == socket.gethostname() and not process_alive(int(info["pid"]))
+    except (ValueError, KeyError, TypeError):
+        return False

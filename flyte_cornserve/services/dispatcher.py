@@ -184,11 +184,24 @@ class Dispatcher:
 
     async def run(self, task: UnitTask, request: TaskIO | Mapping[str, Any],
                   progress: Progress | None = None, on_submit: Callable[[Submission], None] | None = None) -> TaskIO:
-        """Run one invocation to its output, retrying recoverable failures `options.retries` times."""
+        """Run one invocation to its output, retrying recoverable failures `options.retries` times:
+        a recoverable invocation error, and a recoverable `ControlPlaneError` (no control plane, or
+        none answering, or one that went away) from deploying or submitting. A refusal (it does not
+        fit) and a user error fail at once."""
         attempts = task.options.retries + 1
         used = 0
         while True:
-            submission = await self.submit(task, request, attempts=attempts - used, progress=progress, watch=True)
+            try:
+                submission = await self.submit(task, request, attempts=attempts - used, progress=progress, watch=True)
+            except control.ControlPlaneError as exc:
+                used += 1
+                if not exc.recoverable or used >= attempts:
+                    raise
+                backoff = backoff_s(used)
+                if progress is not None:
+                    progress(f"{describe(task)}: {exc}; retry {used} of {attempts - 1} in {backoff:g} s")
+                await asyncio.sleep(backoff)  # the retry backoff itself
+                continue
             if on_submit is not None:
                 on_submit(submission)
             record = await self.outcome(submission)

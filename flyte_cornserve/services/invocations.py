@@ -236,6 +236,24 @@ return 1
 """ % (COUNTS_KEY, NOTIFY_MAXLEN, len(invocation_key("")) + 1, NOTIFY_TTL_S)
 
 
+class MalformedRecord(ValueError):
+    """An invocation's record cannot be read (not written by `submit`): it can never run."""
+
+
+def _shown(value: bytes | str | None) -> str:
+    """A field's value for an error message: at most 200 characters, whatever its bytes."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+    return repr(text[:200])
+
+
+def _count(value: bytes | str | None, default: int) -> int:
+    """A record's attempt counter: an integer that Redis's HINCRBY can still increment."""
+    number = int(_text(value) or default)
+    if not 0 <= number < 2**62:
+        raise ValueError(f"{number} is out of range")
+    return number
+
+
 class InvocationStore:
     """Both sides of the protocol on one async Redis client."""
 
@@ -378,12 +396,27 @@ class InvocationStore:
                                         ["input", "deadline", "attempt", "max_attempts", "priority", "items"])
         if fields[0] is None:
             return None
-        payload = json.loads(fields[0])
+
+        def parse(name: str, value: Any, convert: Any) -> Any:
+            try:
+                return convert(value)
+            except (ValueError, TypeError) as exc:
+                raise MalformedRecord(f"invocation {invocation_id}: its record's {name} is malformed "
+                                      f"({_shown(value)}: {exc})") from None
+
+        payload = parse("input", fields[0], json.loads)
         batch = bool(fields[5])
+        if batch and (not isinstance(payload, list) or len(payload) != parse("items", fields[5], int)):
+            raise MalformedRecord(f"invocation {invocation_id}: its record's items ({_shown(fields[5])}) disagrees "
+                                  f"with its input (a {type(payload).__name__}, not a list of that many items)")
+        if not batch and not isinstance(payload, dict):
+            raise MalformedRecord(f"invocation {invocation_id}: its record's input is a {type(payload).__name__}, "
+                                  f"not an object of the task's input fields")
         return Invocation(
             id=invocation_id, deployment_id=deployment_id, input={} if batch else payload,
-            deadline=_seconds(fields[1]), attempt=int(fields[2] or 0) + 1, max_attempts=int(fields[3] or 1),
-            entry_id=entry_id, priority=Priority(_text(fields[4]) or Priority.INTERACTIVE.value),
+            deadline=parse("deadline", fields[1], _seconds), attempt=parse("attempt", fields[2], lambda v: _count(v, 0)) + 1,
+            max_attempts=parse("max_attempts", fields[3], lambda v: _count(v, 1)), entry_id=entry_id,
+            priority=parse("priority", fields[4], lambda v: Priority(_text(v) or Priority.INTERACTIVE.value)),
             items=tuple(payload) if batch else None,
         )
 

@@ -26,6 +26,7 @@ from flyte_cornserve.redis_server import ENV_URL
 
 from .backend import CLI
 from .control import CONTROL_PLANE_KEY
+from .leftovers import stop_leftovers
 
 READY_LINE = "cornserve stack ready"
 START_TIMEOUT_S = 120.0
@@ -102,6 +103,8 @@ def ensure_stack(progress: Callable[[str], None] | None = None, up_args: list[st
                     f"the embedded stack (pid {state['pid']}) does not answer; see {state.get('log')} and stop it "
                     f"with `cornserve down`"
                 )
+            stop_leftovers(stack_dir())  # what a crashed stack left running, its arenas
+            state_file().unlink(missing_ok=True)  # and its stack.json
             state = {"redis_url": start_daemon(progress, up_args or [])["redis"]}
     os.environ[ENV_URL] = state["redis_url"]
     return state["redis_url"]

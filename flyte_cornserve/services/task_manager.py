@@ -32,6 +32,7 @@ from .control import (
     DeploymentState,
     deployment_key,
     executor_phase,
+    load_deployment,
     phase_message,
     phases_key,
 )
@@ -41,6 +42,12 @@ from .resources import ResourceManager
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 60.0
+#: an executor that exits this many times within RESTART_WINDOW_S fails its deployment
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 300.0
+#: the wait before the n-th restart within the window: RESTART_BACKOFF_S * 2**(n-1), at most RESTART_BACKOFF_MAX_S
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
 
 
 def describe(task: UnitTask) -> str:
@@ -58,12 +65,18 @@ class ManagedDeployment:
     stopping: bool = False
     watchers: set[asyncio.Task] = field(default_factory=set)
     gone: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    #: when its executors exited (monotonic), within the restart window
+    exits: list[float] = field(default_factory=list)
 
 
 class TaskManager:
     def __init__(self, client: aioredis.Redis, backend: ExecutorBackend, resources: ResourceManager,
-                 idle_ttl_s: float) -> None:
+                 idle_ttl_s: float, restart_limit: int = RESTART_LIMIT, restart_window_s: float = RESTART_WINDOW_S,
+                 restart_backoff_s: float = RESTART_BACKOFF_S) -> None:
         self.redis = client
+        self.restart_limit = restart_limit
+        self.restart_window_s = restart_window_s
+        self.restart_backoff_s = restart_backoff_s
         self.store = InvocationStore(client)
         self.backend = backend
         self.resources = resources
@@ -138,42 +151,121 @@ class TaskManager:
         log.info("deployment %s (%s) ready with %d executor(s)", record.id, record.label, len(handles))
         managed.ready.set_result(None)
 
-    async def _launch(self, managed: ManagedDeployment, executor_id: str) -> ExecutorHandle:
+    async def _launch(self, managed: ManagedDeployment, executor_id: str, watch: bool = True) -> ExecutorHandle:
         record = managed.record
         handle = await self.backend.start_executor(
             ExecutorSpec(executor_id, record.id, record.task, record.node, descriptor_for(managed.task).resources())
         )
         managed.executors[executor_id] = handle
+        if not watch:
+            return handle
         watcher = asyncio.create_task(self._watch(managed, handle))
         managed.watchers.add(watcher)
         watcher.add_done_callback(managed.watchers.discard)
         return handle
 
     async def _watch(self, managed: ManagedDeployment, handle: ExecutorHandle) -> None:
-        """Restart the executor if it exits while its deployment is meant to run."""
-        code = await handle.exited()
-        if managed.stopping or not managed.ready.done() or managed.ready.exception() is not None:
-            return  # stopping on purpose, or still starting (the start reports that failure)
-        record = managed.record
-        managed.executors.pop(handle.id, None)
-        self.resources.release(handle.id)
-        replacement = f"{record.id[:24]}-{uuid.uuid4().hex[:6]}"
-        log.warning("executor %s of %s (%s) exited with code %s; restarting it as %s",
-                    handle.id, record.id, record.label, code, replacement)
-        record.executors = [replacement if e == handle.id else e for e in record.executors]
-        record.restarts += 1
-        record.message = f"executor {handle.id} exited with code {code}; restarted as {replacement}"
-        try:
-            self.resources.reserve(replacement, descriptor_for(managed.task).resources(), f"restart of {record.id}")
+        """Restart the executor whenever it exits while its deployment is meant to run: after a wait
+        that doubles with each exit within the restart window; the `restart_limit`-th exit within the
+        window fails the deployment with the end of the executor's log. A replacement that does not
+        start counts as an exit; its id never stays in the record."""
+        while True:
+            code = await handle.exited()
+            if managed.stopping or not managed.ready.done() or managed.ready.exception() is not None:
+                return  # stopping on purpose, or still starting (the start reports that failure)
+            record = managed.record
+            managed.executors.pop(handle.id, None)
+            self.resources.release(handle.id)
+            record.executors = [e for e in record.executors if e != handle.id]
+            now = time.monotonic()
+            managed.exits = [t for t in managed.exits if now - t < self.restart_window_s] + [now]
+            exits = len(managed.exits)
+            if exits >= self.restart_limit:
+                log.error("executor %s of %s (%s) exited with code %s, %d times within %g s: failing the deployment",
+                          handle.id, record.id, record.label, code, exits, self.restart_window_s)
+                await self._event(record, "executor-exited", f"{handle.id} code={code}")
+                await self.fail(managed, f"deployment {record.id} ({record.label}) failed: its executor exited {exits} "
+                                         f"times within {self.restart_window_s:g} s (last: {handle.id}, code {code}); "
+                                         f"the end of its log:\n{handle.log_tail()}")
+                return
+            delay = min(self.restart_backoff_s * 2 ** (exits - 1), RESTART_BACKOFF_MAX_S)
+            log.warning("executor %s of %s (%s) exited with code %s; restarting it in %g s",
+                        handle.id, record.id, record.label, code, delay)
+            record.message = f"executor {handle.id} exited with code {code}; restarting in {delay:g} s"
             await self._save(record)
             await self._event(record, "executor-exited", f"{handle.id} code={code}")
-            new = await self._launch(managed, replacement)
-            await new.ready()
+            try:
+                await asyncio.wait_for(asyncio.shield(managed.gone), delay)
+            except TimeoutError:
+                pass
+            if managed.stopping:
+                return
+            replacement = f"{record.id[:24]}-{uuid.uuid4().hex[:6]}"
+            try:
+                self.resources.reserve(replacement, descriptor_for(managed.task).resources(), f"restart of {record.id}")
+                record.executors.append(replacement)
+                record.restarts += 1
+                record.message = f"executor {handle.id} exited with code {code}; restarted as {replacement}"
+                await self._save(record)
+                handle = await self._launch(managed, replacement, watch=False)
+                await handle.ready()
+            except Exception as exc:
+                log.error("could not restart an executor of %s: %s", record.id, exc)
+                if replacement not in managed.executors:  # it never started: nothing will exit
+                    self.resources.release(replacement)
+                    record.executors = [e for e in record.executors if e != replacement]
+                    await self._save(record)
+                    await self.fail(managed, f"deployment {record.id} ({record.label}) failed: could not restart "
+                                             f"its executor: {exc}")
+                    return
+                continue  # it exited before it served: counts as an exit (and `handle` is that one)
             await self._event(record, "executor-restarted", replacement)
-        except Exception as exc:
-            log.error("could not restart an executor of %s: %s", record.id, exc)
-            record.message = f"could not restart executor {handle.id}: {exc}"
-            await self._save(record)
+
+    async def fail(self, managed: ManagedDeployment, message: str) -> None:
+        """The deployment cannot run: stop its other executors, fail what is queued (a user error,
+        with `message`), and leave the record FAILED with no executors; a later deploy starts afresh."""
+        managed.stopping = True
+        await asyncio.gather(*(self.backend.stop_executor(h, STOP_GRACE_S) for h in list(managed.executors.values())))
+        await self._teardown(managed, message, ErrorKind.USER, failed=True)
+
+    async def recover(self) -> None:
+        """Start again what Redis says is deployed, at the control plane's start: a control plane that
+        died left its records (its executors died with it: `backend.guarded`). Each DEPLOYING or READY
+        deployment gets new executors (their queued invocations are then served; the new executors
+        take over the dead ones' entries); one that cannot be started (it no longer fits, its task
+        class is unknown) is FAILED and its queued invocations fail with the reason. A STOPPING one is
+        finished. Executors that still heartbeat are not ours to stop (a backend manages only what it
+        started): they are left running and serve the same queues until they exit."""
+        for deployment_id in sorted(_text(d) for d in await self.redis.smembers(DEPLOYMENTS_KEY)):
+            if deployment_id in self.deployments:
+                continue
+            record = await load_deployment(self.redis, deployment_id)
+            if record is None:
+                await self.redis.srem(DEPLOYMENTS_KEY, deployment_id)
+                continue
+            if record.state is DeploymentState.FAILED:
+                continue
+            alive = [e for e in record.executors if await self.redis.exists(f"cornserve:executor:{e}")]
+            if alive:
+                log.warning("deployment %s (%s): executor(s) %s of the previous control plane still heartbeat; "
+                            "left running", record.id, record.label, ", ".join(alive))
+            if record.state is DeploymentState.STOPPING:
+                await self._teardown(ManagedDeployment(record, None), f"deployment {record.id} ({record.label}) was "  # type: ignore[arg-type]
+                                     f"stopped before this invocation ran", ErrorKind.RECOVERABLE)
+                continue
+            try:
+                managed = self._admit(unit_task_from_json(record.task), max(1, record.replicas))
+            except Exception as exc:
+                log.error("deployment %s (%s) cannot be restarted: %s", record.id, record.label, exc)
+                await self._teardown(ManagedDeployment(record, None), f"deployment {record.id} ({record.label}) "  # type: ignore[arg-type]
+                                     f"could not be restarted after the control plane restarted: {exc}",
+                                     ErrorKind.USER, failed=True)
+                continue
+            log.info("deployment %s (%s): starting its executors again (the control plane restarted)",
+                     record.id, record.label)
+            managed.record.restarts = record.restarts
+            managed.record.message = "starting executors again (the control plane restarted)"
+            asyncio.create_task(self._start(managed))
 
     async def undeploy(self, deployment_id: str, reason: str = "undeployed") -> bool:
         """Stop the deployment's executors (they finish what they run) and free its resources."""
@@ -193,8 +285,9 @@ class TaskManager:
                                       f"this invocation ran", ErrorKind.RECOVERABLE)
         return True
 
-    async def _teardown(self, managed: ManagedDeployment, error: str, kind: ErrorKind) -> None:
-        """Free the resources, drop the record, and fail what is still queued (nobody will run it)."""
+    async def _teardown(self, managed: ManagedDeployment, error: str, kind: ErrorKind, failed: bool = False) -> None:
+        """Free the resources, drop the record (or with `failed`, leave it FAILED with `error`), and fail
+        what is still queued (nobody will run it)."""
         managed.stopping = True
         record = managed.record
         for executor_id in {*record.executors, *managed.executors}:
@@ -208,10 +301,18 @@ class TaskManager:
                 await self.store.transition(invocation_id, State.ERROR, allowed={State.QUEUED, State.RUNNING},
                                             error=error, error_kind=kind.value, finished_at=repr(time.time()))
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(deployment_key(record.id), phases_key(record.id), *queues)
-            pipe.srem(DEPLOYMENTS_KEY, record.id)
+            if failed:
+                record.state, record.message, record.executors, record.phase_since = (
+                    DeploymentState.FAILED, error, [], 0.0)
+                mapping = record.to_redis()
+                del mapping["last_used"]
+                pipe.hset(deployment_key(record.id), mapping=mapping)
+                pipe.delete(phases_key(record.id), *queues)
+            else:
+                pipe.delete(deployment_key(record.id), phases_key(record.id), *queues)
+                pipe.srem(DEPLOYMENTS_KEY, record.id)
             await pipe.execute()
-        await self._event(record, "stopped", error)
+        await self._event(record, "failed" if failed else "stopped", error)
         if not managed.gone.done():
             managed.gone.set_result(None)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import pathlib
 import re
 import signal
+import socket
 import threading
 
 import click
@@ -72,6 +74,12 @@ def sidecar(
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if host in _ALL_INTERFACES and not advertise_host:
         raise click.BadParameter(f"listening on {host!r} needs --advertise-host: the address other nodes reach this one at", param_hint="--host")
+    if not token and not _is_loopback(host):
+        raise click.BadParameter(
+            f"listening on {host!r} (beyond loopback) needs a shared token, or anyone who reaches the port can read "
+            f"and write tensors: set ${ENV_TOKEN} (or --token) here and for every client and peer sidecar",
+            param_hint="--host",
+        )
     shm_size = _filesystem_size(shm_dir)
     capacity = memory_cap if memory_cap is not None else shm_size // 2
     if capacity > shm_size:
@@ -95,6 +103,21 @@ def sidecar(
     click.echo(f"sidecar ready id={member.id} address={member.address} arena={member.arena} capacity={member.capacity} "
                f"metrics={server.metrics_url or '-'}", nl=True)
     server.serve_forever()
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) reaches only this machine: every address it names is loopback."""
+    if host in _ALL_INTERFACES:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False  # the listening socket will fail to bind; refuse first, naming the token
+    return bool(addresses) and all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
 
 
 def _filesystem_size(path: pathlib.Path) -> int:

@@ -123,6 +123,14 @@ end
 return left
 """
 
+_FORGET = """
+if redis.call('HGET', KEYS[1], 'holder') == ARGV[2] and redis.call('HGET', KEYS[1], 'arena') == ARGV[3] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
 
 class Directory:
     """Typed access to the sidecar keys of one namespace."""
@@ -135,6 +143,7 @@ class Directory:
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
+        self._forget = client.register_script(_FORGET)
 
     @classmethod
     def connect(cls, url: str | None = None, namespace: str | None = None) -> Directory:
@@ -259,7 +268,8 @@ class Directory:
         return [int(left) for left in pipe.execute()]
 
     def discard(self, key: str, holder: str) -> None:
-        """Ask the holder to free a tensor now, whatever its consumers (a put that failed)."""
+        """Ask the holder to free its own allocation for `key` now, whatever its consumers (a put that
+        failed). An entry that another sidecar (or incarnation) holds under `key` stays: see `forget`."""
         self.redis.rpush(self._key("released", holder), key)
 
     def next_released(self, sidecar_id: str, timeout: float) -> str | None:
@@ -267,11 +277,12 @@ class Directory:
         item = self.redis.blpop([self._key("released", sidecar_id)], timeout=timeout)
         return item[1] if item else None
 
-    def forget(self, key: str, holder: str) -> None:
-        pipe = self.redis.pipeline()
-        pipe.delete(self._key("entry", key), self._key("ready", key))
-        pipe.srem(self._key("held", holder), key)
-        pipe.execute()
+    def forget(self, key: str, holder: str, arena: str) -> None:
+        """Remove a tensor that `holder` frees from its arena `arena`: its entry only if that entry is
+        this holder's (a put of the same id elsewhere never erases the original), and always its key
+        from the holder's `held` set. Idempotent; a Redis error leaves the caller's tensor to retry."""
+        keys = [self._key("entry", key), self._key("ready", key), self._key("held", holder)]
+        self._forget(keys=keys, args=[key, holder, arena])
 
     def forget_all(self, sidecar_id: str) -> int:
         """Remove every tensor a sidecar holds, and its release queue; returns how many tensors."""

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 HANG_UP_DRAIN_S = 0.5  # how long a broken connection's leftover input is drained before closing
 HANG_UP_DRAIN_BYTES = 1 << 20
+FREE_RETRY_S = 1.0  # a free that Redis did not confirm is tried again this much later
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,7 @@ class _Holding:
     nbytes: int
     expires_at: float
     checksum: int | None = None  # computed on the first `read`, then reused
+    freeing: bool = False  # its removal from the directory is under way: no longer served
 
 
 class SidecarServer:
@@ -272,6 +274,8 @@ class SidecarServer:
         entry = self.directory.entry(request.id)
         with self._lock:
             holding = self._holdings.get(request.id)
+            if holding is not None and holding.freeing:
+                holding = None
         if entry is None or holding is None or entry.holder != self.config.sidecar_id or entry.state is not TensorState.READY:
             raise TensorNotFound(f"sidecar {self.config.sidecar_id!r} holds no ready tensor {request.id!r}")
         payload = self.arena.view(holding.offset, holding.nbytes)
@@ -310,10 +314,8 @@ class SidecarServer:
                 if waited_since is not None:
                     self.metrics.waits.inc()
                     self.metrics.wait_seconds.inc(time.monotonic() - waited_since)
-            self._holdings[key] = _Holding(offset, nbytes, expires_at)
-            if not self._expiries or expires_at < self._expiries[0][0]:
-                self._schedule_changed.notify()
-            heapq.heappush(self._expiries, (expires_at, key))
+            self._holdings[key] = holding = _Holding(offset, nbytes, expires_at)
+            self._schedule_locked(key, holding, expires_at)
         try:
             self.arena.back(offset + size)
         except OSError as e:
@@ -322,14 +324,35 @@ class SidecarServer:
         self.metrics.allocated.inc()
         return offset
 
+    def _schedule_locked(self, key: str, holding: _Holding, at: float) -> None:
+        """(Re)schedule the expiry of `holding` at `at`; earlier heap entries of it are then skipped."""
+        holding.expires_at = at
+        if not self._expiries or at < self._expiries[0][0]:
+            self._schedule_changed.notify()
+        heapq.heappush(self._expiries, (at, key))
+
     def _free(self, key: str) -> None:
-        """Free a tensor: first remove it from the directory, so nobody finds it, then its extent."""
+        """Free a tensor: first remove it from the directory, so nobody finds it, then its extent.
+
+        The extent is freed, and the tensor forgotten here, only once Redis has confirmed the removal:
+        on a Redis error the tensor stays (Redis may still point at it) and the free is retried
+        `FREE_RETRY_S` later by the expiry loop, so that no space leaks either.
+        """
         with self._lock:
-            holding = self._holdings.pop(key, None)
-        if holding is None:
+            holding = self._holdings.get(key)
+            if holding is None or holding.freeing:
+                return  # gone, or another thread is freeing it (and retries if that fails)
+            holding.freeing = True
+        try:
+            self.directory.forget(key, self.config.sidecar_id, self.member.arena)
+        except redis.RedisError as e:
+            log.warning("tensor %s: Redis did not confirm its removal (%r); keeping it, retrying in %g s", key, e, FREE_RETRY_S)
+            with self._lock:
+                holding.freeing = False
+                self._schedule_locked(key, holding, time.time() + FREE_RETRY_S)
             return
-        self.directory.forget(key, self.config.sidecar_id)
         with self._lock:
+            del self._holdings[key]
             self._allocator.free(holding.offset)
             self._space_freed.notify_all()
 
@@ -357,7 +380,8 @@ class SidecarServer:
                 self._free(key)
 
     def _expiry_loop(self) -> None:
-        """Free tensors whose TTL passed before all their consumers released them (orphans)."""
+        """Free tensors whose TTL passed before all their consumers released them (orphans), and
+        retry frees that Redis did not confirm."""
         while not self._stopping.is_set():
             with self._lock:
                 due: list[str] = []
@@ -369,8 +393,8 @@ class SidecarServer:
                         due.append(key)
                 if not due:
                     self._schedule_changed.wait(self._expiries[0][0] - now if self._expiries else None)
-            for key in due:
-                log.info("tensor %s expired before all its consumers released it; freeing it", key)
+            for key in due:  # orphans, and frees that Redis did not confirm (retried)
+                log.info("tensor %s is due (its TTL passed, or its free is retried); freeing it", key)
                 self._free(key)
 
 

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import uuid
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from PIL import Image
 from cornserve_builtins.encoder import EncoderTask
 from flyte_cornserve.executors.runtime import executor_key
 from flyte_cornserve.models.tiny import draw
-from flyte_cornserve.services.invocations import ErrorKind, InvocationStore, State, queue_key
+from flyte_cornserve.services.invocations import ErrorKind, InvocationStore, Priority, State, queue_key
 from flyte_cornserve.task import TensorRef
 
 from ..scrape import eventually, scrape, series
@@ -96,6 +97,35 @@ def test_bad_images_are_that_invocations_error_and_the_executor_keeps_serving(en
     assert bad_record.state == State.ERROR and message in bad_record.error
     assert bad_record.error_kind == ErrorKind.USER
     assert good_record.state == State.DONE
+    assert encoder.alive()
+
+
+def test_an_image_the_processor_cannot_take_fails_alone_in_its_batch(encoder, redis_url, tmp_path):
+    """A tall 1-pixel-wide PNG decodes (70 M pixels, under PIL's bomb limit), but resizing its short
+    side to the model's 32 pixels asks torch for ~215 GB: the encode of any batch holding it fails.
+    Only that item may fail, as a user error naming the image; the others of its batch are DONE."""
+    huge = tmp_path / "tall.png"
+    Image.new("RGB", (1, 70_000_000)).save(huge)
+    goods = [{"data": data_url(draw(c, "circle", "white", random.Random(3)))} for c in ("red", "blue", "green")]
+    items = [goods[0], {"data": str(huge)}, goods[1], goods[2]]
+
+    async def scenario():
+        store = InvocationStore(aioredis.Redis.from_url(redis_url))
+        await store.ensure_queue(TASK.deployment_id())
+        invocation_id = uuid.uuid4().hex
+        async with store.redis.pipeline(transaction=True) as pipe:  # one batch invocation, as the batch runner sends
+            store.queue_submission(pipe, TASK.deployment_id(), invocation_id, items=items, timeout_s=120,
+                                   priority=Priority.BATCH)
+            await pipe.execute()
+        return await store.wait(invocation_id, 120)
+
+    record = run(scenario())
+    assert record.state == State.DONE, record.error
+    outcomes = record.item_outcomes()
+    assert [o.state for o in outcomes] == [State.DONE, State.ERROR, State.DONE, State.DONE], [o.error for o in outcomes]
+    bad = outcomes[1]
+    assert bad.kind == ErrorKind.USER and "cannot encode" in bad.error and str(huge) in bad.error, bad.error
+    assert "executor error" not in bad.error
     assert encoder.alive()
 
 

@@ -245,3 +245,61 @@ def test_interactive_work_is_served_before_queued_batch_work(services, redis_url
     assert len(texts) == 1  # batch items preempted for the interactive one were generated again, alike
     last = records[-1]  # queued before the interactive one was submitted, and still queued then
     assert done.created_at > last.created_at and done.started_at < last.started_at
+
+
+async def run_as_one_batch(store: InvocationStore, items: list[dict]):
+    """`items` as the items of one batch invocation: the executor hands them to one `handle()` call."""
+    from flyte_cornserve.services.invocations import Priority
+
+    await store.ensure_queue(LLM.deployment_id())
+    invocation_id = f"batch-{random.getrandbits(64):x}"
+    async with store.redis.pipeline(transaction=True) as pipe:
+        store.queue_submission(pipe, LLM.deployment_id(), invocation_id, items=items, priority=Priority.BATCH)
+        await pipe.execute()
+    return await store.wait(invocation_id, 120)
+
+
+def embedding_ref(sidecar_client, rows: int, claimed_rows: int = 16) -> dict:
+    """A random embedding put into the module's sidecar: `rows` rows of the model's 64, its ref
+    claiming `claimed_rows` (what the executor checks before it fetches)."""
+    ref = sidecar_client.put(torch.randn(rows, 64), consumers=1)
+    return {**ref.model_dump(mode="json"), "shape": [claimed_rows, 64], "nbytes": claimed_rows * 64 * 4}
+
+
+def test_an_item_whose_embedding_is_gone_fails_alone(services, sidecar_client, redis_url):
+    """One item of a batch references a tensor that was released; the batch's other items (text
+    only, and one with an embedding that is there) are generated, that one is a recoverable error."""
+    gone = embedding_ref(sidecar_client, 16)
+    sidecar_client.release(gone["id"])
+    there = embedding_ref(sidecar_client, 16)
+    items = [generating("One.", 4), {**llm_payload(PROMPT, [gone]), "sampling": {"max_tokens": 4}},
+             {**llm_payload(PROMPT, [there]), "sampling": {"max_tokens": 4}}, generating("Two.", 4)]
+
+    record = run(run_as_one_batch(InvocationStore(aioredis.Redis.from_url(redis_url)), items))
+    assert record.state == State.DONE, record.error
+    outcomes = record.output["items"]
+    assert [("output" in o) for o in outcomes] == [True, False, True, True], outcomes
+    assert outcomes[1]["kind"] == ErrorKind.RECOVERABLE.value and "embedding not available" in outcomes[1]["error"]
+
+
+def test_an_item_whose_generation_raises_fails_alone_and_the_engine_keeps_serving(services, sidecar_client, redis_url):
+    """One item's handling raises something unexpected (its ref claims 16 rows, the tensor behind it
+    has 8: stacking it fails after the checks passed); the batch's other items are generated, that
+    one is a recoverable error, and the engine keeps serving."""
+    _, llm = services
+    lying = embedding_ref(sidecar_client, 8, claimed_rows=16)
+    items = [generating("One.", 6), {**llm_payload(PROMPT, [lying]), "sampling": {"max_tokens": 4}},
+             generating("Two.", 6)]
+
+    async def scenario():
+        store = InvocationStore(aioredis.Redis.from_url(redis_url))
+        record = await run_as_one_batch(store, items)
+        after = await store.wait(await store.submit(LLM.deployment_id(), generating("After.", 4)), 120)
+        return record, after
+
+    record, after = run(scenario())
+    assert record.state == State.DONE, record.error
+    outcomes = record.output["items"]
+    assert "output" in outcomes[0] and "output" in outcomes[2], outcomes
+    assert outcomes[1]["kind"] == ErrorKind.RECOVERABLE.value and "RuntimeError" in outcomes[1]["error"], outcomes
+    assert after.state == State.DONE and llm.alive()

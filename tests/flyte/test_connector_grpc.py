@@ -7,6 +7,7 @@ its `outputs.pb`, as Propeller reads it) passed on as the LLM's input; each node
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import time
@@ -27,6 +28,8 @@ from flytekit.tools.translator import get_serializable
 from cornserve_builtins.encoder import EncoderTask
 from cornserve_builtins.llm import LLMTask, SamplingParams
 from flyte_cornserve.flyte import flyte_task
+from flyte_cornserve.services.invocations import events_key, invocation_key
+from flyte_cornserve.task import Resources
 
 from ..connector import ConnectorProcess, outputs_at
 from ..html_deck import parse, read_deck
@@ -155,3 +158,37 @@ def test_delete_cancels(connector, stack: Stack, tmp_path) -> None:
     connector.DeleteTask(agent_pb2.DeleteTaskRequest(task_category=CATEGORY, resource_meta=meta))
     cancelled, _ = until_terminal(connector, meta)
     assert cancelled.phase == TaskExecution.ABORTED, cancelled.message
+
+
+def test_no_control_plane_at_create_is_a_retryable_failure(redis_url, tmp_path) -> None:
+    """Infrastructure trouble at create() (here: no control plane serves the Redis, the session's
+    database 0) is RETRYABLE_FAILED, so Flyte's retries apply; the message says what is wrong."""
+    process = ConnectorProcess(redis_url)
+    try:
+        failed, phases = until_terminal(process.stub, create(process.stub, ENCODER, {"data": IMAGE}, {"data": str},
+                                                             tmp_path))
+    finally:
+        process.stop()
+    assert phases == [TaskExecution.RETRYABLE_FAILED], failed.message
+    assert "no cornserve control plane is serving this Redis" in failed.message
+
+
+def test_a_deployment_that_does_not_fit_is_a_permanent_failure(connector, tmp_path) -> None:
+    """The control plane's refusal (no node has the cores) cannot be fixed by retrying: FAILED."""
+    huge = EncoderTask(model_id="tiny-llava", resources=Resources(cpu=512))
+    failed, phases = until_terminal(connector, create(connector, huge, {"data": IMAGE}, {"data": str}, tmp_path))
+    assert phases == [TaskExecution.FAILED], failed.message
+    assert "cpu" in failed.message
+
+
+def test_get_of_an_expired_invocation_is_a_clear_failure(connector, stack: Stack, tmp_path) -> None:
+    """The invocation's record is gone (expired, or another Redis): GetTask answers FAILED naming
+    the invocation, instead of an error of the connector service."""
+    meta = create(connector, ENCODER, {"data": IMAGE}, {"data": str}, tmp_path)
+    done, _ = until_terminal(connector, meta)
+    assert done.phase == TaskExecution.SUCCEEDED, done.message
+    invocation_id = json.loads(meta)["invocation_id"]
+    assert stack.sync_client().delete(invocation_key(invocation_id), events_key(invocation_id)) == 2
+    gone, phases = until_terminal(connector, meta)
+    assert phases == [TaskExecution.FAILED]
+    assert invocation_id in gone.message and "expired" in gone.message

@@ -91,6 +91,28 @@ def test_a_unit_task_run_without_a_control_plane_says_how_to_start_one(redis_url
         caption(image="cat.png", prompt="what is it?")
 
 
+def test_a_failed_local_run_prints_one_clear_message_without_a_traceback(stack):
+    """`pyflyte run` of a workflow whose encoder cannot read the image: the run fails with the
+    task's message naming the path, not a traceback through flyte_cornserve's modules."""
+    import os
+    import subprocess
+    import sys
+
+    from flyte_cornserve.redis_server import ENV_URL
+
+    workflow_file = os.path.join(os.path.dirname(__file__), "..", "..", "workflows", "vlm.py")
+    done = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "pyflyte"), "run", workflow_file, "caption",
+         "--image", "/nonexistent.png"],
+        env={**os.environ, ENV_URL: stack.url, "COLUMNS": "200"}, capture_output=True, text=True, timeout=600,
+    )
+    shown = done.stdout + done.stderr
+    assert done.returncode != 0, shown
+    assert "EncoderTask tiny-llava" in shown and "/nonexistent.png" in shown, shown
+    assert "flyte_cornserve/" not in shown and "Traceback" not in shown, shown
+    assert len(done.stderr.splitlines()) < 15 and len(done.stdout.splitlines()) < 5, shown
+
+
 def test_a_wrong_request_field_fails_when_the_workflow_compiles():
     """flytekit compiles a workflow when it is packaged, registered or run."""
 

@@ -77,3 +77,16 @@ def test_unconfigured_process_starts_its_own_server_exports_it_and_stops_it_on_e
     pid, folder = out.stdout.split()
     assert not _running(int(pid))
     assert not pathlib.Path(folder).exists()
+
+
+def test_a_restarted_embedded_redis_keeps_its_data(short_home: pathlib.Path) -> None:
+    server = redis_server.EmbeddedRedis(home=short_home).start()
+    try:
+        assert redis_server.connect(server.url).config_get("appendonly")["appendonly"] == "yes"
+        redis_server.connect(server.url).set("kept", "across the restart")
+        before = server.process.pid
+        server.restart()
+        assert server.process.pid != before and not _running(before)
+        assert redis_server.connect(server.url).get("kept") == b"across the restart"
+    finally:
+        server.stop()

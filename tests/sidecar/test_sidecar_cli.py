@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+import select
+import subprocess
+import uuid
 
 import pytest
+import torch
 
+from flyte_cornserve.redis_server import ENV_URL
+from flyte_cornserve.sidecar.arena import remove_stale_arenas
 from flyte_cornserve.sidecar.cli import ByteSize
+from flyte_cornserve.sidecar.wire import ENV_TOKEN
+from tests.processes import CLI, SHM_DIR, START_TIMEOUT_S
 
 
 @pytest.mark.parametrize(
@@ -33,3 +42,50 @@ def test_bad_configuration_is_refused(sidecars, arguments: list[str], message: s
     assert "Traceback" not in result.stderr
     assert re.search(message, result.stderr), result.stderr
     assert sidecars.directory.keys() == set()
+
+
+# --- listening beyond loopback needs the shared token ----------------------------------------------
+
+
+def run_sidecar_until_it_exits(sidecars, sidecar_id: str, *arguments: str, token: str = "") -> subprocess.CompletedProcess[str]:
+    """`cornserve sidecar ARGUMENTS...`, expected to refuse to start; one that serves instead is stopped
+    (by its PID) and fails the test."""
+    command = CLI + ["sidecar", "--id", sidecar_id, "--namespace", sidecars.namespace, "--memory-cap", "16MiB", *arguments]
+    process = subprocess.Popen(command, env={**os.environ, ENV_URL: sidecars.redis_url, ENV_TOKEN: token},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        remove_stale_arenas(SHM_DIR, sidecar_id)
+        raise AssertionError(f"the sidecar started instead of refusing: {stdout!r}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("arguments", [["--host", "0.0.0.0", "--advertise-host", "127.0.0.1"], ["--host", "10.255.1.2"]])
+def test_listening_beyond_loopback_without_a_token_is_refused(sidecars, arguments: list[str]) -> None:
+    result = run_sidecar_until_it_exits(sidecars, f"t{uuid.uuid4().hex[:10]}", *arguments)
+    assert result.returncode == 2  # a usage error, like the other bad options
+    assert "Traceback" not in result.stderr
+    assert f"${ENV_TOKEN}" in result.stderr and "--token" in result.stderr, result.stderr
+    assert f"listening on {arguments[1]!r}" in result.stderr, result.stderr
+    assert sidecars.directory.keys() == set()
+
+
+def test_listening_beyond_loopback_with_a_token_is_allowed(sidecars) -> None:
+    sidecar_id = f"t{uuid.uuid4().hex[:10]}"
+    command = CLI + ["sidecar", "--id", sidecar_id, "--namespace", sidecars.namespace, "--memory-cap", "16MiB",
+                     "--host", "0.0.0.0", "--advertise-host", "127.0.0.1", "--log-level", "WARNING"]
+    process = subprocess.Popen(command, env={**os.environ, ENV_URL: sidecars.redis_url, ENV_TOKEN: "s3cret"},
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
+        line = process.stdout.readline() if ready else ""
+        assert line.startswith("sidecar ready"), line
+        client = sidecars.client(sidecar_id, token="s3cret")
+        assert torch.equal(client.get(client.put(torch.ones(3))), torch.ones(3))
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        process.stdout.close()
