@@ -45,8 +45,9 @@ def measure(stack: PrivateStack, runs: int) -> None:
     from cornserve_builtins.encoder import EncoderTask
     from cornserve_builtins.llm import LLMTask
     from flyte_cornserve.flyte import CornserveTask, flyte_task
+    from flyte_cornserve.flyte import connector  # noqa: F401  (registers the connector the stock mixin runs)
+    from flyte_cornserve.protocol.invocations import InvocationStore, State
     from flyte_cornserve.redis_server import connect_async
-    from flyte_cornserve.services.invocations import InvocationStore, State
 
     encoder, llm = EncoderTask(model_id="tiny-llava"), LLMTask(model_id="tiny-llava")
 

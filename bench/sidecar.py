@@ -42,6 +42,7 @@ import torch
 
 from flyte_cornserve import redis_server
 from flyte_cornserve.home import use_project_tmp
+from flyte_cornserve.launch import ReadyFile, launch
 from flyte_cornserve.sidecar.client import SidecarClient
 from flyte_cornserve.sidecar.wire import CHUNK
 
@@ -320,16 +321,13 @@ def _report(rows: list[dict[str, float]]) -> None:
     print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
 
 
-def _start_sidecar(sidecar_id: str, url: str, namespace: str) -> subprocess.Popen[str]:
+def _start_sidecar(sidecar_id: str, url: str, namespace: str) -> subprocess.Popen:
     command = [sys.executable, "-c", "from flyte_cornserve.cli import main; main()", "sidecar",
                "--id", sidecar_id, "--namespace", namespace, "--memory-cap", CAPACITY, "--log-level", "WARNING"]  # fmt: skip
     env = dict(os.environ, **{redis_server.ENV_URL: url})
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    if not line.startswith("sidecar ready"):
-        process.kill()
-        raise RuntimeError(f"sidecar {sidecar_id} did not start: {line!r}")
-    return process
+    log = pathlib.Path(tempfile.gettempdir()) / f"sidecar-{sidecar_id}.log"
+    # ready once it writes its ready file (`flyte_cornserve.launch`); raises with its log tail if it does not
+    return launch(command, env, log, ReadyFile(), 60.0, f"sidecar {sidecar_id}").process
 
 
 if __name__ == "__main__":

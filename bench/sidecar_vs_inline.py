@@ -38,7 +38,7 @@ from flyte_cornserve.descriptors import descriptor_for  # noqa: E402
 from flyte_cornserve.home import use_project_tmp  # noqa: E402
 from flyte_cornserve.models import resolve_model  # noqa: E402
 from flyte_cornserve.models.tiny import PROMPT  # noqa: E402
-from flyte_cornserve.services.invocations import InvocationStore, State  # noqa: E402
+from flyte_cornserve.protocol.invocations import InvocationStore, State  # noqa: E402
 from flyte_cornserve.sidecar.client import SidecarClient  # noqa: E402
 
 MAX_TOKENS = 64

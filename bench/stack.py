@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import threading
 
 
 from flyte_cornserve import redis_server
+from flyte_cornserve.home import cornserve_home
+from flyte_cornserve.launch import ReadyFile, launch
 from flyte_cornserve.services.backend import CLI
 from flyte_cornserve.services.control import control_plane_info
 from flyte_cornserve.services.dispatcher import Dispatcher
 from flyte_cornserve.sidecar.directory import ENV_SIDECAR_ID
 from flyte_cornserve.task import UnitTask
+
+
+START_TIMEOUT_S = 300.0
 
 
 class PrivateStack:
@@ -30,18 +34,11 @@ class PrivateStack:
 
     def __enter__(self) -> PrivateStack:
         self.url = redis_server.redis_url()  # embedded unless CORNSERVE_REDIS_URL is set; exported
-        self.process = subprocess.Popen(
-            [*CLI, "up", "--foreground", "--cpu", str(self.cpu)], env={**os.environ, redis_server.ENV_URL: self.url},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        tail: list[str] = []
-        for line in self.process.stdout:
-            tail = (tail + [line])[-30:]
-            if "control plane ready" in line:
-                break
-        else:
-            raise RuntimeError(f"the control plane exited with {self.process.wait()}:\n{''.join(tail)}")
-        threading.Thread(target=lambda: [None for _ in self.process.stdout], daemon=True).start()
+        log = cornserve_home() / "bench" / f"control-plane-{os.getpid()}.log"
+        # ready once it writes its ready file (`flyte_cornserve.launch`); its output goes to `log`
+        self.process = launch([*CLI, "up", "--foreground", "--cpu", str(self.cpu)],
+                              {**os.environ, redis_server.ENV_URL: self.url}, log, ReadyFile(), START_TIMEOUT_S,
+                              "the control plane").process
         info = asyncio.run(control_plane_info(redis_server.connect_async(self.url)))
         os.environ[ENV_SIDECAR_ID] = next(iter(info["sidecars"].values()))
         return self

@@ -33,7 +33,7 @@ from flyte_cornserve import redis_server  # noqa: E402
 from flyte_cornserve.home import use_project_tmp  # noqa: E402
 from flyte_cornserve.models import resolve_model  # noqa: E402
 from flyte_cornserve.models.tiny import draw  # noqa: E402
-from flyte_cornserve.services.invocations import InvocationStore, State  # noqa: E402
+from flyte_cornserve.protocol.invocations import InvocationStore, State  # noqa: E402
 
 BENCH = pathlib.Path(__file__).resolve().parent
 PYFLYTE = pathlib.Path(sys.executable).with_name("pyflyte")

@@ -6,7 +6,7 @@ Code that starts a model marks each long step, with no idea of where it is repor
         model = AutoModel.from_pretrained(path)
 
 The process that runs it decides, once, where phases go (`set_reporter`): `cornserve executor`
-reports them to Redis (`services.control.PhaseReporter`: the deployment's message and its events);
+reports them to Redis (`protocol.deployments.PhaseReporter`: the deployment's message and its events);
 anywhere else (tests, `cornserve models build-tiny`, a notebook) a phase reports nothing.
 
 A phase reports its beginning and, if its block returns, its end (a failing block ends the executor,

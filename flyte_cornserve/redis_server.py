@@ -30,6 +30,7 @@ import redis.asyncio.retry
 import redis.retry
 from redis.backoff import ExponentialBackoff
 
+from . import launch
 from .home import ENV_HOME, cornserve_home
 
 ENV_URL = "CORNSERVE_REDIS_URL"
@@ -42,9 +43,9 @@ RETRY_BASE_S = 0.05
 RETRY_CAP_S = 1.0
 
 # redis-server logs "Ready to accept connections", or "... now ready to accept connections at <socket>".
-_READY = b"ready to accept connections"
 _MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
 _STOP_TIMEOUT_S = 10.0
+_START_TIMEOUT_S = 60.0
 
 
 def redis_server_binary() -> str:
@@ -110,33 +111,22 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--daemonize", "no",
-            "--logfile", "",  # log to stdout, which we read until the server is ready
+            "--logfile", "",  # log to stdout: the launcher writes it to redis.log
         ]  # fmt: skip
         # it dies with this process, even a SIGKILLed one (`services/guard.py`), in a process group of its own
         guard = pathlib.Path(__file__).parent / "services" / "guard.py"
         command = [sys.executable, str(guard), str(os.getpid()), "5", *command]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        process_group=0)
+        launched = launch.start(command, None, self.socket_path.with_name("redis.log"),
+                                launch.ReadySocket(path=self.socket_path), "embedded redis-server", process_group=0)
+        self.process = launched.process
         from .services import leftovers  # here: the services package imports this module
 
         leftovers.record(self.process.pid, "redis", directory=str(self.directory))  # only in the embedded stack's daemon
-        self._wait_until_ready()
-
-    def _wait_until_ready(self) -> None:
-        """Read the server's log until it says it is ready; then keep draining it into redis.log."""
-        assert self.process is not None and self.process.stdout is not None
-        seen: list[bytes] = []
-        for line in self.process.stdout:
-            seen.append(line)
-            if _READY in line.lower():
-                break
-        else:
-            self.process.wait()
-            log = b"".join(seen).decode(errors="replace")
+        try:
+            launched.wait_ready(_START_TIMEOUT_S)  # its socket accepts connections
+        except launch.LaunchError:
             self.stop()
-            raise RuntimeError(f"embedded redis-server exited with code {self.process.returncode}:\n{log}")
-        log_path = self.socket_path.with_name("redis.log")
-        threading.Thread(target=_drain, args=(self.process.stdout, log_path, seen), daemon=True).start()
+            raise
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -154,14 +144,6 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _drain(stream: object, path: pathlib.Path, head: list[bytes]) -> None:
-    with open(path, "ab") as log:
-        log.writelines(head)
-        for line in stream:  # type: ignore[attr-defined]
-            log.write(line)
-            log.flush()
 
 
 _embedded: EmbeddedRedis | None = None

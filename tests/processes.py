@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import select
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 
 from flyte_cornserve import redis_server
+from flyte_cornserve.launch import LaunchError, ReadyFile, launch
 from flyte_cornserve.sidecar.arena import remove_stale_arenas
 from flyte_cornserve.sidecar.client import SidecarClient
 from flyte_cornserve.sidecar.directory import Directory
@@ -24,10 +25,10 @@ START_TIMEOUT_S = 30.0
 
 @dataclasses.dataclass
 class SidecarProcess:
-    """A running `cornserve sidecar`, as its ready line described it."""
+    """A running `cornserve sidecar`, as its ready file described it."""
 
     id: str
-    process: subprocess.Popen[str]
+    process: subprocess.Popen
     address: str
     arena: str
 
@@ -62,15 +63,12 @@ class Sidecars:
         sidecar_id = sidecar_id or f"t{uuid.uuid4().hex[:10]}"
         arguments = ["sidecar", "--id", sidecar_id, "--namespace", self.namespace, "--memory-cap", memory_cap,
                      "--heartbeat-ttl", str(heartbeat_ttl), "--log-level", "WARNING"]  # fmt: skip
-        process = subprocess.Popen(CLI + arguments, env=self._env(token), stdout=subprocess.PIPE, text=True)
-        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
-        line = process.stdout.readline() if ready else ""
-        if not line.startswith("sidecar ready"):
-            process.kill()
-            process.wait()
-            raise AssertionError(f"sidecar {sidecar_id} did not start (exit code {process.poll()}): {line!r}")
-        fields = dict(item.split("=", 1) for item in line.split()[2:])
-        sidecar = SidecarProcess(sidecar_id, process, fields["address"], fields["arena"])
+        log = pathlib.Path(tempfile.gettempdir()) / f"sidecar-{sidecar_id}.log"
+        try:  # ready once it writes its ready file (`flyte_cornserve.launch`), which holds its address and arena
+            launched = launch(CLI + arguments, self._env(token), log, ReadyFile(), START_TIMEOUT_S, f"sidecar {sidecar_id}")
+        except LaunchError as exc:
+            raise AssertionError(str(exc)) from None
+        sidecar = SidecarProcess(sidecar_id, launched.process, launched.info["address"], launched.info["arena"])
         self._started.append(sidecar)
         return sidecar
 

@@ -6,23 +6,23 @@ sidecar directory never meet those of the executor tests or of another stack.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import pathlib
 import signal
 import subprocess
-import threading
 import time
 
 import redis
 import redis.asyncio as aioredis
 
+from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_KEY
+from flyte_cornserve.launch import LaunchError, ReadyFile, launch
 from flyte_cornserve.redis_server import ENV_URL, connect_async
 from flyte_cornserve.services.backend import CLI
-from flyte_cornserve.services.control import DEPLOYMENT_EVENTS_KEY
 
 _databases = itertools.count(1)
+START_TIMEOUT_S = 300.0
 
 
 class Stack:
@@ -37,30 +37,16 @@ class Stack:
         self._start()
 
     def _start(self) -> None:
-        self.process = subprocess.Popen(
-            [*CLI, "up", "--foreground", *self.up_args], env=self.env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.tail: collections.deque[str] = collections.deque(maxlen=60)
-        for line in self.process.stdout:
-            self.tail.append(line)
-            if "control plane ready" in line:
-                break
-        else:
-            raise AssertionError(f"the control plane exited with {self.process.wait()}:\n{''.join(self.tail)}")
-        threading.Thread(target=self._drain, daemon=True).start()
+        try:  # ready once it writes its ready file (`flyte_cornserve.launch`); its output goes to `log`
+            self.process = launch([*CLI, "up", "--foreground", *self.up_args], self.env, self.log, ReadyFile(),
+                                  START_TIMEOUT_S, "the control plane").process
+        except LaunchError as exc:
+            raise AssertionError(str(exc)) from None
 
     def restart(self) -> None:
         """Stop the control plane (gracefully: its executors stop too) and start a new one on the same Redis."""
         self.stop()
         self._start()
-
-    def _drain(self) -> None:
-        with open(self.log, "a") as out:
-            out.writelines(self.tail)
-            for line in self.process.stdout:
-                out.write(line)
-                out.flush()
 
     def client(self) -> aioredis.Redis:
         return connect_async(self.url)

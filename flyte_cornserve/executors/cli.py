@@ -40,8 +40,8 @@ def make_handler(descriptor: TaskExecutionDescriptor, store) -> Handler:
                    "$CORNSERVE_METRICS_HOST says otherwise; advertised in Redis (`cornserve status` lists it)")
 def executor(task_json: str, executor_id: str | None, metrics_port: int | None) -> None:
     """Serve one deployment: load the model once, then take invocations from its queue until SIGTERM."""
+    from flyte_cornserve.protocol.deployments import PhaseReporter
     from flyte_cornserve.redis_server import connect_async, redis_url
-    from flyte_cornserve.services.control import PhaseReporter
     from flyte_cornserve.sidecar.client import SidecarClient
 
     from .runtime import ExecutorRuntime, install_signal_handlers

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from flyte_cornserve.descriptors import TaskExecutionDescriptor
 from flyte_cornserve.models import resolve_model
 from flyte_cornserve.phases import LOADING_WEIGHTS, phase
-from flyte_cornserve.services.invocations import ErrorKind, Invocation, Outcome, Priority
+from flyte_cornserve.protocol.invocations import ErrorKind, Invocation, Outcome, Priority
 from flyte_cornserve.sidecar.client import Transfer
 from flyte_cornserve.task import TensorRef
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from flyte_cornserve.services.invocations import Invocation, Outcome
+from flyte_cornserve.protocol.invocations import Invocation, Outcome
 
 
 class Handler(ABC):

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from flyte_cornserve.launch import announce_ready
 from flyte_cornserve.metrics import ExecutorMetrics, MetricsServer, advertise, endpoint, serve, withdraw
-from flyte_cornserve.services.invocations import (
+from flyte_cornserve.protocol.invocations import (
     GROUP,
     MAX_BLOCK_S,
     TERMINAL,
@@ -109,6 +110,7 @@ class ExecutorRuntime:
         background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaim()),
                       asyncio.create_task(self._watch()), asyncio.create_task(self._listen_interactive())]
         log.info("executor %s serving %s", self.executor_id, self.deployment_id)
+        announce_ready(executor_id=self.executor_id, metrics_port=self.metrics_port)  # to its launcher, if any
         try:
             await self._consume()
             if self._running:

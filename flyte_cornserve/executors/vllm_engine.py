@@ -30,7 +30,7 @@ from flyte_cornserve.descriptors import TaskExecutionDescriptor
 from flyte_cornserve.home import cornserve_home
 from flyte_cornserve.models import resolve_model
 from flyte_cornserve.phases import STARTING_ENGINE, phase
-from flyte_cornserve.services.invocations import ErrorKind, Invocation, Outcome, Priority
+from flyte_cornserve.protocol.invocations import ErrorKind, Invocation, Outcome, Priority
 from flyte_cornserve.sidecar.client import Transfer
 from flyte_cornserve.sidecar.errors import SidecarError
 from flyte_cornserve.task import TensorRef

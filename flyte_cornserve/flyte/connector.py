@@ -10,24 +10,19 @@ plane there or none answering) is RETRYABLE_FAILED, so Flyte's retries apply; a 
 input, a deployment the control plane refuses) is FAILED, and so is an invocation whose record is
 gone (expired).
 
-In a local `pyflyte run`, `CornserveTask.execute()` calls `run_locally()`: the same dispatcher,
-in-process, waiting on Redis for the outcome instead of flytekit's 1 s polling, and enforcing the
-timeout and retries itself because flytekit's local mode does not.
+A local `pyflyte run` does not come here: `CornserveTask.execute()` calls `local_run.run_locally()`,
+the same dispatcher in-process (`dispatchers.shared_dispatcher()`, shared with this module).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import click
 from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
-from flytekit import Deck, FlyteContextManager
+from flytekit import FlyteContextManager
 from flytekit.core.type_engine import TypeEngine
 from flytekit.extend.backend.base_connector import AsyncConnectorBase, ConnectorRegistry, Resource, ResourceMeta
 from flytekit.models.literals import LiteralMap
@@ -36,19 +31,15 @@ from flytekit.models.task import TaskTemplate
 from flyte_cornserve.decks.render import render_unit
 
 from flyte_cornserve.descriptors import descriptor_for
-from flyte_cornserve.redis_server import connect_async
+from flyte_cornserve.protocol.invocations import TERMINAL, ErrorKind, State
 from flyte_cornserve.services.control import ControlPlaneError
-from flyte_cornserve.services.dispatcher import Dispatcher, InvocationFailed, Submission, failure_of
-from flyte_cornserve.services.invocations import TERMINAL, ErrorKind, Record, State
-from flyte_cornserve.services.stack import ensure_stack
+from flyte_cornserve.services.dispatcher import failure_of
 from flyte_cornserve.services.task_manager import describe
-from flyte_cornserve.task import TaskInputError, UnitTask, unit_task_from_json
+from flyte_cornserve.task import TaskInputError, unit_task_from_json
 
 from . import decks
-from .progress import ProgressLine
+from .dispatchers import shared_dispatcher
 from .unit_task import TASK_TYPE
-
-log = logging.getLogger(__name__)
 
 _PHASES = {
     State.CREATED: TaskExecution.QUEUED,
@@ -95,7 +86,7 @@ class CornserveConnector(AsyncConnectorBase):
             except (ValueError, TypeError, AssertionError) as exc:  # a literal of another type than its field's
                 raise TaskInputError(f"{describe(unit_task)}: {_conversion_error(exc)}") from None
             # Propeller's CreateTask call is short-lived: enqueue once the deployment is admitted
-            submission = await (await _dispatcher()).submit(unit_task, request, wait_ready=False)
+            submission = await (await shared_dispatcher()).submit(unit_task, request, wait_ready=False)
         except ControlPlaneError as exc:  # a refusal, or no control plane there to answer
             return CornserveMetadata(error=f"{describe(unit_task)}: {exc}", retryable=exc.recoverable)
         except (TaskInputError, ValueError, TypeError) as exc:  # retrying cannot help
@@ -107,7 +98,7 @@ class CornserveConnector(AsyncConnectorBase):
         if resource_meta.error:
             return Resource(phase=TaskExecution.RETRYABLE_FAILED if resource_meta.retryable else TaskExecution.FAILED,
                             message=resource_meta.error)
-        dispatcher = await _dispatcher()
+        dispatcher = await shared_dispatcher()
         try:
             record = await dispatcher.store.record(resource_meta.invocation_id)
         except KeyError:  # its record expired (kept a day once it ended), or this is another Redis
@@ -119,7 +110,7 @@ class CornserveConnector(AsyncConnectorBase):
             record = await dispatcher.store.record(record.id)
         task = unit_task_from_json(resource_meta.task)
         prefix = resource_meta.output_prefix
-        links = await decks.log_links(dispatcher.redis, _executors_of(record)) + decks.deck_link(prefix)
+        links = await decks.log_links(dispatcher.redis, decks.executors_of(record)) + decks.deck_link(prefix)
         log_links = [TaskLog(uri=link.uri, name=link.name) for link in links]
         if prefix:  # the deck first: Propeller keeps it only if it is there when the node succeeds
             view = await decks.unit_view(dispatcher.store, task, [record.id], links)
@@ -141,7 +132,7 @@ class CornserveConnector(AsyncConnectorBase):
 
     async def delete(self, resource_meta: CornserveMetadata, **kwargs: Any) -> None:
         if resource_meta.invocation_id:
-            await (await _dispatcher()).cancel(resource_meta.invocation_id)
+            await (await shared_dispatcher()).cancel(resource_meta.invocation_id)
 
 
 #: the longest failure message: Propeller keeps it in the node's status (and create()'s in the resource meta)
@@ -160,12 +151,6 @@ def _conversion_error(exc: Exception) -> str:
     return _bounded(" ".join(kept) if kept else str(exc), 2000)
 
 
-def _executors_of(record: Record) -> list[tuple[str, str, str]]:
-    """(executor, node, deployment) of each executor that ran the invocation."""
-    ran = [event.executor for event in record.events if event.executor]
-    return [(executor, record.node, record.deployment_id) for executor in dict.fromkeys(ran)]
-
-
 async def _literals(output: Any) -> LiteralMap:
     """The output model's fields as a Flyte LiteralMap, typed by the model (TensorRef -> Struct)."""
     fields = type(output).model_fields
@@ -173,100 +158,6 @@ async def _literals(output: Any) -> LiteralMap:
         FlyteContextManager.current_context(), {name: getattr(output, name) for name in fields},
         {name: field.annotation for name, field in fields.items()},
     )
-
-
-# -- one Redis client per event loop and stack ------------------------------------------------------------------
-
-_dispatchers: dict[tuple[asyncio.AbstractEventLoop, str], Dispatcher] = {}
-
-
-async def _dispatcher() -> Dispatcher:
-    key = (asyncio.get_running_loop(), ensure_stack())
-    if key not in _dispatchers:
-        _dispatchers[key] = Dispatcher(connect_async(key[1]))
-    return _dispatchers[key]
-
-
-# -- local `pyflyte run` -------------------------------------------------------------------------------
-
-class _BackgroundLoop:
-    """One event loop thread per process: local task executions reuse its Redis connections."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True, name="cornserve-connector").start()
-
-    def run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
-
-
-_background: _BackgroundLoop | None = None
-_background_lock = threading.Lock()
-
-
-class LocalRunFailed(click.ClickException, RuntimeError):
-    """A cornserve task of a local run failed (its invocation, or the control plane's answer).
-
-    A `click.ClickException`, because `pyflyte run` prints one of those as the single line
-    `Error: <message>` and exits with 1, where for any other exception it prints a traceback whose
-    frames are this package's, which tell a user nothing the message does not. flytekit prefixes a
-    failed task's `args` with the task's name; the message printed is the one given here."""
-
-
-def run_locally(unit_task: UnitTask, inputs: dict[str, Any]) -> Any:
-    """Run one invocation for a local `pyflyte run`; return its outputs as the task's Python values.
-    Its deck (every invocation submitted for it: retries are new ones) goes to the local run's
-    decks, which `CornserveTask` writes once the task returns."""
-    global _background
-    with _background_lock:
-        _background = _background or _BackgroundLoop()
-    progress = ProgressLine()
-    submitted: list[Submission] = []
-    try:
-        ensure_stack(progress.update)
-        output = _background.run(_dispatcher_run(unit_task, inputs, progress, submitted.append))
-    except KeyboardInterrupt:
-        if submitted:  # stop the executor's work on it, then let the interrupt through
-            _background.run(_cancel(submitted[-1].invocation_id))
-        raise
-    except InvocationFailed as exc:  # its message names the task, the invocation and the executor's error
-        raise LocalRunFailed(str(exc)) from None
-    except ControlPlaneError as exc:
-        raise LocalRunFailed(f"{describe(unit_task)}: {exc}") from None
-    finally:
-        progress.close()
-        if submitted:
-            _add_deck(unit_task, submitted)
-    values = [getattr(output, name) for name in type(output).model_fields]
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def _add_deck(unit_task: UnitTask, submitted: list[Submission]) -> None:
-    """The node's deck, as a flytekit `Deck` of the running task (written if the task enables decks)."""
-    params = FlyteContextManager.current_context().user_space_params
-    if params is None or not params.enable_deck:
-        return
-    try:
-        html = _background.run(_local_deck(submitted[-1].task, [s.invocation_id for s in submitted]))
-    except Exception as exc:  # the deck is a view: the run's outcome stands without it
-        log.warning("could not build the deck of %s: %s", describe(unit_task), exc)
-        return
-    Deck(decks.DECK_TITLE, html)
-
-
-async def _local_deck(task: UnitTask, invocation_ids: list[str]) -> str:
-    dispatcher = await _dispatcher()
-    record = await dispatcher.store.record(invocation_ids[-1])
-    links = await decks.log_links(dispatcher.redis, _executors_of(record))
-    return render_unit(await decks.unit_view(dispatcher.store, task, invocation_ids, links))
-
-
-async def _dispatcher_run(unit_task: UnitTask, inputs: dict[str, Any], progress, on_submit) -> Any:
-    return await (await _dispatcher()).run(unit_task, inputs, progress=progress, on_submit=on_submit)
-
-
-async def _cancel(invocation_id: str) -> None:
-    await (await _dispatcher()).cancel(invocation_id)
 
 
 ConnectorRegistry.register(CornserveConnector(), override=True)

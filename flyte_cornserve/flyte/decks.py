@@ -39,9 +39,9 @@ from flyte_cornserve.decks.views import (
     UnitNodeView,
     percentiles,
 )
+from flyte_cornserve.protocol.invocations import TERMINAL, InvocationStore, Record, State
 from flyte_cornserve.services.batches import Batch, BatchStore
 from flyte_cornserve.services.control import control_plane_info
-from flyte_cornserve.services.invocations import TERMINAL, InvocationStore, Record, State
 from flyte_cornserve.services.task_manager import describe
 from flyte_cornserve.task import UnitTask
 
@@ -141,6 +141,12 @@ async def chunk_view(store: BatchStore, batch: Batch, links: list[Link] | None =
 
 
 # -- links --------------------------------------------------------------------------------------------
+
+def executors_of(record: Record) -> list[tuple[str, str, str]]:
+    """(executor, node, deployment) of each executor that ran the invocation."""
+    ran = [event.executor for event in record.events if event.executor]
+    return [(executor, record.node, record.deployment_id) for executor in dict.fromkeys(ran)]
+
 
 async def log_links(client: Any, executors: list[tuple[str, str, str]]) -> list[Link]:
     """Links to the logs of these (executor id, node, deployment id) and to the dashboard."""

@@ -25,6 +25,7 @@ from flyte_cornserve.task import UnitTask
 
 from . import tensor_ref_type  # noqa: F401  (registers the TensorRef transformer)
 from .decks import DECK_TITLE
+from .local_run import run_locally
 
 TASK_TYPE = "cornserve"
 
@@ -65,8 +66,6 @@ class CornserveTask(PythonTask):
 
     def execute(self, **kwargs: Any) -> Any:
         """Local `pyflyte run`: run on the (embedded) stack's executor, waiting on Redis."""
-        from .connector import run_locally
-
         return run_locally(self.unit_task, kwargs)
 
     def _write_decks(self, native_inputs: Any, native_outputs_as_map: Any, ctx: Any, new_user_params: Any) -> None:

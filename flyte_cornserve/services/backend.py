@@ -9,17 +9,16 @@ sidecar DaemonSet behind the same interface.
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import threading
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from flyte_cornserve import launch
 from flyte_cornserve.redis_server import ENV_URL
 from flyte_cornserve.sidecar.directory import ENV_NAMESPACE, ENV_SIDECAR_ID
 from flyte_cornserve.task import Resources
@@ -29,7 +28,9 @@ from .resources import GROUP_CPU, GROUP_GPU, Capacity, Node
 
 #: how the local backend runs the project's command line in a child process
 CLI = [sys.executable, "-c", "from flyte_cornserve.cli import main; main()"]
-LOG_TAIL_LINES = 40
+#: seconds an executor may take to serve (load its model) before it counts as failed to start
+EXECUTOR_START_TIMEOUT_S = 3600.0
+SIDECAR_START_TIMEOUT_S = 120.0
 #: seconds a child whose control plane died has to stop (SIGTERM) before its group is SIGKILLed
 ORPHAN_GRACE_S = 10.0
 
@@ -111,41 +112,40 @@ class ExecutorBackend(ABC):
 
 
 class LocalProcess:
-    """A child process whose output goes to a log file, with readiness read from that output."""
+    """A child process whose output goes to a log file, ready once it writes its ready file
+    (`flyte_cornserve.launch`)."""
 
-    def __init__(self, command: list[str], env: dict[str, str], log_path: pathlib.Path, ready_marker: str,
-                 **leaves: str) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], log_path: pathlib.Path, what: str,
+                 start_timeout_s: float, **leaves: str) -> None:
         """`leaves`: what it leaves behind if killed, for `leftovers.record` (a sidecar's `sidecar_id`)."""
         self._loop = asyncio.get_running_loop()
-        self._ready: asyncio.Future[None] = self._loop.create_future()
+        self._ready: asyncio.Future[dict] = self._loop.create_future()
         self._exited: asyncio.Future[int] = self._loop.create_future()
-        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            guarded(command), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        self.launched = launch.start(
+            guarded(command), env, log_path, launch.ReadyFile(), what,
             # its own process group: a Ctrl-C in the terminal does not reach it, and killpg ends its
             # children (also when the control plane dies: see `guarded`). Not its own session: with the kernel's autogroup scheduling a session is
             # its own CPU-share group, and executors should compete like the stack's other processes.
             process_group=0,
         )
+        self.process = self.launched.process
         leftovers.record(self.process.pid, log_path.stem, **leaves)  # the embedded stack's `cornserve down` finds it
-        threading.Thread(target=self._follow, args=(ready_marker,), daemon=True, name=f"log-{log_path.stem}").start()
+        threading.Thread(target=self._wait_ready, args=(start_timeout_s,), daemon=True,
+                         name=f"ready-{log_path.stem}").start()
         threading.Thread(target=self._reap, daemon=True, name=f"reap-{log_path.stem}").start()
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def _follow(self, ready_marker: str) -> None:
-        assert self.process.stdout is not None
-        with open(self.log_path, "a") as log:
-            for line in self.process.stdout:
-                log.write(line)
-                log.flush()
-                self._tail.append(line)
-                if ready_marker in line:
-                    self._loop.call_soon_threadsafe(_resolve, self._ready, None)
+    def _wait_ready(self, timeout_s: float) -> None:
+        try:
+            info = self.launched.wait_ready(timeout_s)
+        except launch.LaunchError as exc:
+            self._loop.call_soon_threadsafe(_fail, self._ready, ExecutorStartError(str(exc)))
+        else:
+            self._loop.call_soon_threadsafe(_resolve, self._ready, info)
 
     def _reap(self) -> None:
         """Once it exits, end what is left of its process group (a vLLM engine core a SIGKILL left
@@ -157,13 +157,10 @@ class LocalProcess:
             pass
         self._loop.call_soon_threadsafe(_resolve, self._exited, code)
 
-    async def ready(self, what: str) -> None:
-        done, _ = await asyncio.wait([self._ready, self._exited], return_when=asyncio.FIRST_COMPLETED)
-        if self._ready not in done:
-            raise ExecutorStartError(
-                f"{what} exited with code {self._exited.result()} before it was ready; the end of its log "
-                f"({self.log_path}):\n{self.log_tail()}"
-            )
+    async def ready(self) -> dict:
+        """What it announced once it serves; `ExecutorStartError` (with its log tail) if it exits first or
+        does not serve within its start timeout."""
+        return await asyncio.shield(self._ready)
 
     async def exited(self) -> int:
         return await asyncio.shield(self._exited)
@@ -172,7 +169,7 @@ class LocalProcess:
         return not self._exited.done()
 
     def log_tail(self) -> str:
-        return "".join(self._tail)
+        return self.launched.log_tail()
 
     async def stop(self, grace_s: float) -> None:
         if self._exited.done():
@@ -191,7 +188,7 @@ class LocalExecutor(ExecutorHandle):
         self.process = process
 
     async def ready(self) -> None:
-        await self.process.ready(f"executor {self.id} of deployment {self.spec.deployment_id}")
+        await self.process.ready()
 
     async def exited(self) -> int:
         return await self.process.exited()
@@ -214,6 +211,7 @@ class LocalBackend(ExecutorBackend):
         # unique per control plane: several stacks may share one Redis (tests, a second checkout)
         self._sidecar_id = f"{node_name}-{uuid.uuid4().hex[:8]}"
         self._sidecar: LocalProcess | None = None
+        self.sidecar_info: dict = {}
         self._sidecar_lock: asyncio.Lock | None = None
 
     def nodes(self) -> list[Node]:
@@ -239,15 +237,17 @@ class LocalBackend(ExecutorBackend):
                 return
             self._sidecar = LocalProcess(
                 [*CLI, "sidecar", "--id", self._sidecar_id, "--memory-cap", self.sidecar_memory_cap],
-                self._env(), self.logs / f"sidecar-{self._sidecar_id}.log", "sidecar ready",
-                sidecar_id=self._sidecar_id,
+                self._env(), self.logs / f"sidecar-{self._sidecar_id}.log", f"sidecar {self._sidecar_id}",
+                SIDECAR_START_TIMEOUT_S, sidecar_id=self._sidecar_id,
             )
-            await self._sidecar.ready(f"sidecar {self._sidecar_id}")
+            #: what the sidecar announced: its id, address, arena, capacity and metrics URL
+            self.sidecar_info = await self._sidecar.ready()
 
     async def start_executor(self, spec: ExecutorSpec) -> ExecutorHandle:
         command = [*CLI, "executor", "--task", spec.task_json, "--executor-id", spec.executor_id]
         process = LocalProcess(command, self._env(), self.logs / f"{spec.executor_id}.log",
-                               f"executor {spec.executor_id} serving")
+                               f"executor {spec.executor_id} of deployment {spec.deployment_id}",
+                               EXECUTOR_START_TIMEOUT_S)
         return LocalExecutor(spec, process)
 
     async def stop_executor(self, handle: ExecutorHandle, grace_s: float = 60.0) -> None:
@@ -266,3 +266,8 @@ class LocalBackend(ExecutorBackend):
 def _resolve(future: asyncio.Future, value: object) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _fail(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -34,6 +34,19 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from flyte_cornserve.descriptors import descriptor_for
+from flyte_cornserve.protocol.invocations import (
+    MAX_BLOCK_S,
+    TERMINAL,
+    ErrorKind,
+    InvocationStore,
+    Outcome,
+    Priority,
+    Record,
+    State,
+    _text,
+    events_key,
+    invocation_key,
+)
 from flyte_cornserve.task import UnitTask, unit_task_from_json
 from flyte_cornserve.task.plan import Plan, PlanNode
 
@@ -59,19 +72,6 @@ from .batches import (
     write_results,
 )
 from .dispatcher import Dispatcher, backoff_s
-from .invocations import (
-    MAX_BLOCK_S,
-    TERMINAL,
-    ErrorKind,
-    InvocationStore,
-    Outcome,
-    Priority,
-    Record,
-    State,
-    _text,
-    events_key,
-    invocation_key,
-)
 from .task_manager import TaskManager, describe
 
 log = logging.getLogger(__name__)

@@ -37,9 +37,8 @@ import fsspec
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 
+from flyte_cornserve.protocol.invocations import _text, notify_key
 from flyte_cornserve.task.plan import Plan
-
-from .invocations import _text, notify_key
 
 CHUNK_FORMAT = 1
 BATCH_TTL_S = 7 * 24 * 3600  # a finished batch's record: repeated creates and gets within this find it

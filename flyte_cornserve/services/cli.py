@@ -19,7 +19,7 @@ import click
 
 from flyte_cornserve.task import Task, UnitTask
 
-from .stack import READY_LINE, current_url, read_state, stack_dir
+from .stack import current_url, read_state, stack_dir
 
 
 def _machine_memory() -> str:
@@ -48,10 +48,8 @@ def _machine_gpus() -> int:
 @click.option("--restart-backoff", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="seconds before restarting an executor that exited; doubles with each exit in the window (30 s at most)")
 @click.option("--foreground", is_flag=True, help="run the control plane in this process (e.g. in a container)")
-@click.option("--announce", is_flag=True, hidden=True, help="print the ready line, then log to the stack's log file")
 def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, batch_in_flight: int | None,
-       metrics_port: int, restart_limit: int, restart_window: float, restart_backoff: float, foreground: bool,
-       announce: bool) -> None:
+       metrics_port: int, restart_limit: int, restart_window: float, restart_backoff: float, foreground: bool) -> None:
     """Start the stack: Redis (embedded unless CORNSERVE_REDIS_URL is set) and the control plane."""
     from flyte_cornserve.task import Resources
 
@@ -82,12 +80,13 @@ def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, 
         click.echo(f"the stack is up: redis {url}; logs in {stack_dir() / 'logs'}")
         return
     _serve(cpu or os.cpu_count() or 1, Resources(memory=memory).memory_bytes,
-           _machine_gpus() if gpu is None else gpu, idle_ttl, batch_in_flight, announce, metrics_port, restarts)
+           _machine_gpus() if gpu is None else gpu, idle_ttl, batch_in_flight, metrics_port, restarts)
 
 
-def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_flight: int, announce: bool,
+def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_flight: int,
            metrics_port: int = 0, restarts: dict[str, float] | None = None) -> None:
     from flyte_cornserve.home import use_project_tmp
+    from flyte_cornserve.launch import announce_ready
     from flyte_cornserve.redis_server import ENV_URL, connect_async, redis_url
 
     from .backend import LocalBackend
@@ -118,12 +117,8 @@ def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_fl
             log_file = logs / "control-plane.log"
             if embedded:  # how later runs find this stack
                 write_state({"pid": os.getpid(), "redis_url": url, "log": str(log_file), "started_at": time.time()})
-            if announce:
-                click.echo(f"{READY_LINE} pid={os.getpid()} redis={url}")
-                fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                os.close(fd)
+            # to whoever launched it (`ensure_stack`, a test's or benchmark's stack), if anyone did
+            announce_ready(pid=os.getpid(), redis=url, log=str(log_file))
 
         await plane.run(on_ready=ready)
 
@@ -193,10 +188,10 @@ async def _status_tables(url: str, limit: int, batch_limit: int = 10) -> list[An
     from rich.table import Table
 
     from flyte_cornserve.metrics import list_endpoints
+    from flyte_cornserve.protocol.invocations import InvocationStore
 
     from .batches import FINISHED, BatchStore
     from .control import control_plane_info, list_deployments
-    from .invocations import InvocationStore
 
     client = _client(url)
     store = InvocationStore(client)

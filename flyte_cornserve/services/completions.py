@@ -17,7 +17,7 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .invocations import MAX_BLOCK_S, State, _text, notify_key
+from flyte_cornserve.protocol.invocations import MAX_BLOCK_S, State, _text, notify_key
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ control plane writes and anyone reads (routing, `cornserve status`). JSON only, 
 | `cornserve:control-plane` | string, TTL | control plane | its liveness: {pid, host, started_at, nodes} |
 | `cornserve:deployments` | set | task manager | deployment ids |
 | `cornserve:deployment:<id>` | hash | task manager | the `Deployment` record (message: the start-up phase) |
-| `cornserve:deployment:<id>:phases` | hash, TTL | executors (`PhaseReporter`) | executor id -> its latest phase: {phase, step, at} |
+| `cornserve:deployment:<id>:phases` | hash, TTL | executors (`protocol.deployments.PhaseReporter`) | executor id -> its latest phase: {phase, step, at} |
 | `cornserve:deployments:events` | stream | task manager; executors (phase) | {deployment, event, detail}; a `phase` event adds phase, step, executor |
 """
 
@@ -27,29 +27,20 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 
 from flyte_cornserve.phases import END
-
-from .invocations import MAX_BLOCK_S, _text
+from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_KEY, phases_key
+from flyte_cornserve.protocol.invocations import MAX_BLOCK_S, _text
 
 REQUESTS_KEY = "cornserve:control:requests"
 CONTROL_PLANE_KEY = "cornserve:control-plane"  # liveness of the control plane: {pid, host, started_at}
 DEPLOYMENTS_KEY = "cornserve:deployments"  # set of deployment ids
-DEPLOYMENT_EVENTS_KEY = "cornserve:deployments:events"  # stream: {deployment, event, detail}
-DEPLOYMENT_EVENTS_MAXLEN = 1000
-PHASES_TTL_S = 3600  # an executor's phase outlives its start by this much, whoever removes it (or not)
 REPLY_TTL_S = 300
 
 
 def deployment_key(deployment_id: str) -> str:
     return f"cornserve:deployment:{deployment_id}"
-
-
-def phases_key(deployment_id: str) -> str:
-    """Each executor's latest start-up phase (field: executor id); see `PhaseReporter`."""
-    return f"cornserve:deployment:{deployment_id}:phases"
 
 
 def reply_key(request_id: str) -> str:
@@ -107,36 +98,6 @@ class Deployment:
         values = {name: json.loads(v) for k, v in fields.items() if (name := _text(k)) in known}
         values["state"] = DeploymentState(values["state"])
         return cls(**values)
-
-
-class PhaseReporter:
-    """An executor's start-up phases, reported to Redis (a `flyte_cornserve.phases` reporter).
-
-    Each phase change sets the executor's field of the deployment's phases hash (what the task
-    manager turns into the deployment's message) and appends a `phase` event to the deployments'
-    events stream (what a waiting client reads, in order), in one transaction. Synchronous: phases
-    are reported from whatever thread loads the model. The executor needs only the Redis URL and
-    its deployment and executor ids.
-    """
-
-    def __init__(self, url: str, deployment_id: str, executor_id: str) -> None:
-        self.client = redis.Redis.from_url(url, socket_timeout=10)
-        self.deployment_id = deployment_id
-        self.executor_id = executor_id
-
-    def __call__(self, phase: str, step: str) -> None:
-        key = phases_key(self.deployment_id)
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(key, self.executor_id, json.dumps({"phase": phase, "step": step, "at": time.time()}))
-            pipe.expire(key, PHASES_TTL_S)
-            pipe.xadd(DEPLOYMENT_EVENTS_KEY, {"deployment": self.deployment_id, "event": "phase",
-                                              "detail": f"{self.executor_id} {phase} {step}", "phase": phase,
-                                              "step": step, "executor": self.executor_id},
-                      maxlen=DEPLOYMENT_EVENTS_MAXLEN, approximate=True)
-            pipe.execute()
-
-    def close(self) -> None:
-        self.client.close()
 
 
 async def executor_phase(client: aioredis.Redis, deployment_id: str, executor_id: str) -> dict[str, Any] | None:

@@ -22,11 +22,11 @@ from redis.exceptions import RedisError
 from prometheus_client import CollectorRegistry
 
 from flyte_cornserve import metrics
+from flyte_cornserve.protocol.invocations import MAX_BLOCK_S
 
 from .backend import ExecutorBackend
 from .batch_runner import DEFAULT_MAX_IN_FLIGHT, BatchRunner
 from .control import CONTROL_PLANE_KEY, REPLY_TTL_S, REQUESTS_KEY, reply_key
-from .invocations import MAX_BLOCK_S
 from .plane_metrics import ControlPlaneCollector
 from .resources import ResourceManager
 from .task_manager import TaskManager

@@ -22,12 +22,12 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from flyte_cornserve.descriptors import descriptor_for
+from flyte_cornserve.protocol.invocations import TERMINAL, ErrorKind, InvocationStore, Record, State
 from flyte_cornserve.task import TaskIO, UnitTask
 
 from . import control
 from .control import DeploymentState, load_deployment
 from .completions import Completions
-from .invocations import TERMINAL, ErrorKind, InvocationStore, Record, State
 from .task_manager import describe
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,10 @@ import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from flyte_cornserve.protocol.invocations import InvocationStore, _text
+
 from .batches import ACTIVE_KEY, FINISHED, Batch, BatchState, BatchStore
 from .control import Deployment, DeploymentState, list_deployments
-from .invocations import InvocationStore, _text
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import json
 import os
 import pathlib
 import select
-import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
 
+from flyte_cornserve import launch
 from flyte_cornserve.home import cornserve_home
 from flyte_cornserve.redis_server import ENV_URL
 
@@ -28,7 +28,6 @@ from .backend import CLI
 from .control import CONTROL_PLANE_KEY
 from .leftovers import stop_leftovers
 
-READY_LINE = "cornserve stack ready"
 START_TIMEOUT_S = 120.0
 
 
@@ -111,22 +110,17 @@ def ensure_stack(progress: Callable[[str], None] | None = None, up_args: list[st
 
 
 def start_daemon(progress: Callable[[str], None] | None, up_args: list[str]) -> dict[str, str]:
-    """Start `cornserve up --foreground` detached; once it is ready, return its `pid` and `redis` URL."""
+    """Start `cornserve up --foreground` detached; once it is ready (it writes its ready file:
+    `flyte_cornserve.launch`), return what it announced: its `pid`, `redis` URL and `log`."""
     if progress is not None:
         progress("starting the embedded cornserve stack (Redis, control plane)")
     env = {**os.environ, "CORNSERVE_HOME": str(cornserve_home())}
-    process = subprocess.Popen(
-        [*CLI, "up", "--foreground", "--announce", *up_args], env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    assert process.stdout is not None
-    seen = []
-    for line in process.stdout:  # its start-up log, until it announces it is ready
-        seen.append(line)
-        if READY_LINE in line:  # "cornserve stack ready pid=<pid> redis=<url>"
-            process.stdout.close()  # from here on it logs to its own file
-            return dict(field.split("=", 1) for field in line.split() if "=" in field)
-    raise RuntimeError(f"the embedded stack exited with code {process.wait()} while starting:\n{''.join(seen[-30:])}")
+    try:
+        daemon = launch.launch([*CLI, "up", "--foreground", *up_args], env, stack_dir() / "logs" / "control-plane.log",
+                               launch.ReadyFile(), START_TIMEOUT_S, "the embedded stack", start_new_session=True)
+    except launch.LaunchError as exc:
+        raise RuntimeError(str(exc)) from None
+    return daemon.info
 
 
 def wait_for_exit(pid: int, timeout_s: float) -> bool:

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from flyte_cornserve.descriptors import descriptor_for
+from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_KEY, DEPLOYMENT_EVENTS_MAXLEN, phases_key
+from flyte_cornserve.protocol.invocations import ErrorKind, InvocationStore, State, _text, queue_keys
 from flyte_cornserve.task import UnitTask, unit_task_from_json
 
 from .backend import ExecutorBackend, ExecutorHandle, ExecutorSpec, ExecutorStartError
 from .control import (
-    DEPLOYMENT_EVENTS_KEY,
-    DEPLOYMENT_EVENTS_MAXLEN,
     DEPLOYMENTS_KEY,
     Deployment,
     DeploymentState,
@@ -34,9 +34,7 @@ from .control import (
     executor_phase,
     load_deployment,
     phase_message,
-    phases_key,
 )
-from .invocations import ErrorKind, InvocationStore, State, _text, queue_keys
 from .resources import ResourceManager
 
 log = logging.getLogger(__name__)

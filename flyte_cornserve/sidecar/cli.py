@@ -14,6 +14,7 @@ import threading
 import click
 
 from .. import redis_server
+from ..launch import announce_ready
 from .directory import DEFAULT_NAMESPACE, ENV_NAMESPACE, ENV_SIDECAR_ID, Directory, default_sidecar_id
 from .errors import SidecarError
 from .server import SidecarConfig, SidecarServer
@@ -100,6 +101,9 @@ def sidecar(
     if embedded:
         click.echo(f"started an embedded Redis: export {redis_server.ENV_URL}={redis_server.redis_url()}")
     member = server.member
+    # for whoever launched it (`flyte_cornserve.launch`); the line below is for people
+    announce_ready(id=member.id, address=member.address, arena=member.arena, capacity=member.capacity,
+                   metrics=server.metrics_url or "")
     click.echo(f"sidecar ready id={member.id} address={member.address} arena={member.arena} capacity={member.capacity} "
                f"metrics={server.metrics_url or '-'}", nl=True)
     server.serve_forever()

@@ -9,7 +9,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 
@@ -17,8 +16,9 @@ import pytest
 import redis
 
 from flyte_cornserve import redis_server
+from flyte_cornserve.launch import LaunchError, ReadyFile, start
 from flyte_cornserve.models import resolve_model
-from flyte_cornserve.services.invocations import events_key, invocation_key, queue_key
+from flyte_cornserve.protocol.invocations import events_key, invocation_key, queue_key
 from flyte_cornserve.sidecar.directory import ENV_NAMESPACE, ENV_SIDECAR_ID
 from flyte_cornserve.task import UnitTask
 from tests.processes import Sidecars
@@ -29,7 +29,7 @@ START_TIMEOUT_S = 300.0
 @dataclasses.dataclass
 class ExecutorProcess:
     id: str
-    process: subprocess.Popen[str]
+    process: subprocess.Popen
     log: pathlib.Path
 
     def kill(self) -> None:
@@ -56,12 +56,15 @@ class Executors:
             command += ["--metrics-port", str(metrics_port)]
         env = {**os.environ, redis_server.ENV_URL: self.redis_url, ENV_SIDECAR_ID: self.sidecar_id,
                ENV_NAMESPACE: self.namespace}  # fmt: skip
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log = self.logs / f"{executor_id}.log"
-        started = ExecutorProcess(executor_id, process, log)
+        launched = start(command, env, log, ReadyFile(), f"executor {executor_id}")
+        started = ExecutorProcess(executor_id, launched.process, log)
         self._started.append(started)
         self._deployments.add(task.deployment_id())
-        _wait_for_line(process, f"executor {executor_id} serving", log)
+        try:  # ready once it writes its ready file (`flyte_cornserve.launch`)
+            launched.wait_ready(START_TIMEOUT_S)
+        except LaunchError as exc:
+            raise AssertionError(str(exc)) from None
         return started
 
     def close(self) -> None:
@@ -79,26 +82,6 @@ class Executors:
                 client.delete(invocation_key(invocation), events_key(invocation))
         for deployment in self._deployments:
             client.delete(queue_key(deployment))
-
-
-def _wait_for_line(process: subprocess.Popen[str], marker: str, log: pathlib.Path) -> None:
-    """Read the process's output until `marker`, then keep copying it to `log` in the background."""
-    head: list[str] = []
-    for line in process.stdout:
-        head.append(line)
-        if marker in line:
-            break
-    else:
-        process.wait()
-        raise AssertionError(f"executor exited with code {process.returncode} before serving:\n{''.join(head[-40:])}")
-
-    def drain() -> None:
-        with open(log, "w") as out:
-            out.writelines(head)
-            for line in process.stdout:
-                out.write(line)
-
-    threading.Thread(target=drain, daemon=True).start()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from PIL import Image
 from cornserve_builtins.encoder import EncoderTask
 from flyte_cornserve.executors.runtime import executor_key
 from flyte_cornserve.models.tiny import draw
-from flyte_cornserve.services.invocations import ErrorKind, InvocationStore, Priority, State, queue_key
+from flyte_cornserve.protocol.invocations import ErrorKind, InvocationStore, Priority, State, queue_key
 from flyte_cornserve.task import TensorRef
 
 from ..scrape import eventually, scrape, series

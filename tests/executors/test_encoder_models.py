@@ -12,7 +12,7 @@ from PIL import Image
 from cornserve_builtins.encoder import EncoderTask, Modality
 from flyte_cornserve.models import resolve_model
 from flyte_cornserve.models.tiny import draw
-from flyte_cornserve.services.invocations import InvocationStore, State
+from flyte_cornserve.protocol.invocations import InvocationStore, State
 from flyte_cornserve.task import TensorRef
 
 from .conftest import run

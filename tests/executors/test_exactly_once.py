@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from cornserve_builtins.encoder import EncoderTask, Modality
 from flyte_cornserve.models.tiny import draw
-from flyte_cornserve.services.invocations import (
+from flyte_cornserve.protocol.invocations import (
     GROUP,
     TERMINAL,
     ErrorKind,

@@ -17,8 +17,8 @@ import redis.asyncio as aioredis
 
 from cornserve_builtins.encoder import EncoderTask
 from flyte_cornserve.models.tiny import draw
+from flyte_cornserve.protocol.invocations import GROUP, InvocationStore, Priority, State, events_key, queue_key
 from flyte_cornserve.redis_server import connect_async
-from flyte_cornserve.services.invocations import GROUP, InvocationStore, Priority, State, events_key, queue_key
 
 from ..processes import Sidecars
 from ..restartable_redis import RestartableRedis

@@ -14,7 +14,7 @@ from cornserve_builtins.encoder import EncoderTask
 from cornserve_builtins.llm import LLMInput, LLMTask
 from flyte_cornserve.descriptors import descriptor_for
 from flyte_cornserve.models.tiny import COLORS, PROMPT, SHAPES, draw, llava_prompt
-from flyte_cornserve.services.invocations import MAX_BLOCK_S, ErrorKind, InvocationStore, State, events_key, queue_key
+from flyte_cornserve.protocol.invocations import MAX_BLOCK_S, ErrorKind, InvocationStore, State, events_key, queue_key
 
 from ..scrape import scrape, series
 from .conftest import run
@@ -216,7 +216,7 @@ def test_interactive_work_is_served_before_queued_batch_work(services, redis_url
     an interactive invocation submitted after them is taken first: it starts (by the records)
     before the batch invocation queued ahead of it."""
     from flyte_cornserve.executors.vllm_engine import VLLMHandler
-    from flyte_cornserve.services.invocations import Priority
+    from flyte_cornserve.protocol.invocations import Priority
 
     per_invocation = 64
     fill = VLLMHandler.max_in_flight // per_invocation + 1  # one more than fits: it waits in the queue
@@ -249,7 +249,7 @@ def test_interactive_work_is_served_before_queued_batch_work(services, redis_url
 
 async def run_as_one_batch(store: InvocationStore, items: list[dict]):
     """`items` as the items of one batch invocation: the executor hands them to one `handle()` call."""
-    from flyte_cornserve.services.invocations import Priority
+    from flyte_cornserve.protocol.invocations import Priority
 
     await store.ensure_queue(LLM.deployment_id())
     invocation_id = f"batch-{random.getrandbits(64):x}"

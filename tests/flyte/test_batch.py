@@ -27,9 +27,9 @@ from cornserve_builtins.encoder import EncoderInput, EncoderTask
 from cornserve_builtins.llm import LLMInput, LLMTask, SamplingParams
 from flyte_cornserve.flyte import batch
 from flyte_cornserve.models.tiny import COLORS, PROMPT, SHAPES, draw
+from flyte_cornserve.protocol.invocations import RECENT_KEY, InvocationStore, Priority
 from flyte_cornserve.redis_server import ENV_URL
 from flyte_cornserve.services.batches import BATCHES_KEY
-from flyte_cornserve.services.invocations import RECENT_KEY, InvocationStore, Priority
 from flyte_cornserve.task import Task, TaskIO
 from workflows.vlm import caption, captioner, chat
 

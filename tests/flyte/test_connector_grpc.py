@@ -28,7 +28,7 @@ from flytekit.tools.translator import get_serializable
 from cornserve_builtins.encoder import EncoderTask
 from cornserve_builtins.llm import LLMTask, SamplingParams
 from flyte_cornserve.flyte import flyte_task
-from flyte_cornserve.services.invocations import events_key, invocation_key
+from flyte_cornserve.protocol.invocations import events_key, invocation_key
 from flyte_cornserve.task import Resources
 
 from ..connector import ConnectorProcess, outputs_at

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cornserve_builtins.encoder import EncoderTask
-from flyte_cornserve.services.invocations import (
+from flyte_cornserve.protocol.invocations import (
     GROUP, TERMINAL, Priority, State, events_key, invocation_key, queue_key,
 )
 

@@ -8,7 +8,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from flyte_cornserve.services.invocations import (
+from flyte_cornserve.protocol.invocations import (
     ErrorKind,
     InvocationStore,
     Outcome,

@@ -25,10 +25,10 @@ from cornserve_builtins.llm import SamplingParams
 from cornserve_builtins.mllm import MLLMTask
 from flyte_cornserve import metrics
 from flyte_cornserve.flyte import call
+from flyte_cornserve.protocol.invocations import InvocationStore, State
 from flyte_cornserve.redis_server import ENV_URL
 from flyte_cornserve.services.control import control_plane_info, load_deployment
 from flyte_cornserve.services.dispatcher import Dispatcher
-from flyte_cornserve.services.invocations import InvocationStore, State
 from flyte_cornserve.task import TensorRef
 from tests.processes import Sidecars
 

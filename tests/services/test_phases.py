@@ -16,8 +16,9 @@ from cornserve_builtins.encoder import EncoderTask, Modality
 from flyte_cornserve import phases
 from flyte_cornserve.flyte import call
 from flyte_cornserve.flyte.progress import ProgressLine
+from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_KEY
 from flyte_cornserve.redis_server import ENV_URL
-from flyte_cornserve.services.control import DEPLOYMENT_EVENTS_KEY, StartProgress, phase_message
+from flyte_cornserve.services.control import StartProgress, phase_message
 from flyte_cornserve.task import TensorRef
 
 from ..stack import Stack

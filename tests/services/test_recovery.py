@@ -20,9 +20,10 @@ import redis
 
 from cornserve_builtins.encoder import EncoderTask
 from flyte_cornserve.models import resolve_model
-from flyte_cornserve.services.control import CONTROL_PLANE_KEY, DEPLOYMENT_EVENTS_KEY, DeploymentState, load_deployment
+from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_KEY
+from flyte_cornserve.protocol.invocations import ErrorKind, State
+from flyte_cornserve.services.control import CONTROL_PLANE_KEY, DeploymentState, load_deployment
 from flyte_cornserve.services.dispatcher import Dispatcher
-from flyte_cornserve.services.invocations import ErrorKind, State
 from flyte_cornserve.services.stack import wait_for_exit
 from flyte_cornserve.task import TaskOptions
 

@@ -23,6 +23,7 @@ from cornserve_builtins.llm import LLMInput, LLMTask, SamplingParams
 from cornserve_builtins.mllm import MLLMTask
 from flyte_cornserve.flyte import call
 from flyte_cornserve.flyte.decks import invocation_view
+from flyte_cornserve.protocol.invocations import ErrorKind, InvocationStore, State, events_key
 from flyte_cornserve.redis_server import ASYNC_POOL_SIZE, ENV_URL, connect_async
 from flyte_cornserve.services.control import (
     Deployment,
@@ -32,7 +33,6 @@ from flyte_cornserve.services.control import (
     load_deployment,
 )
 from flyte_cornserve.services.dispatcher import Dispatcher
-from flyte_cornserve.services.invocations import ErrorKind, InvocationStore, State, events_key
 from flyte_cornserve.task import Resources, TaskOptions, TensorRef
 
 from ..html_deck import read_deck

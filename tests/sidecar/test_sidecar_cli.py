@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import subprocess
 import uuid
 
 import pytest
 import torch
 
+from flyte_cornserve.launch import ReadyFile, start
 from flyte_cornserve.redis_server import ENV_URL
 from flyte_cornserve.sidecar.arena import remove_stale_arenas
 from flyte_cornserve.sidecar.cli import ByteSize
@@ -73,19 +73,17 @@ def test_listening_beyond_loopback_without_a_token_is_refused(sidecars, argument
     assert sidecars.directory.keys() == set()
 
 
-def test_listening_beyond_loopback_with_a_token_is_allowed(sidecars) -> None:
+def test_listening_beyond_loopback_with_a_token_is_allowed(sidecars, tmp_path) -> None:
     sidecar_id = f"t{uuid.uuid4().hex[:10]}"
     command = CLI + ["sidecar", "--id", sidecar_id, "--namespace", sidecars.namespace, "--memory-cap", "16MiB",
                      "--host", "0.0.0.0", "--advertise-host", "127.0.0.1", "--log-level", "WARNING"]
-    process = subprocess.Popen(command, env={**os.environ, ENV_URL: sidecars.redis_url, ENV_TOKEN: "s3cret"},
-                               stdout=subprocess.PIPE, text=True)
+    launched = start(command, {**os.environ, ENV_URL: sidecars.redis_url, ENV_TOKEN: "s3cret"}, tmp_path / "sidecar.log",
+                     ReadyFile())
+    process = launched.process
     try:
-        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
-        line = process.stdout.readline() if ready else ""
-        assert line.startswith("sidecar ready"), line
+        assert launched.wait_ready(START_TIMEOUT_S)["id"] == sidecar_id
         client = sidecars.client(sidecar_id, token="s3cret")
         assert torch.equal(client.get(client.put(torch.ones(3))), torch.ones(3))
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
-        process.stdout.close()
