@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 import socket
 import sys
+import tempfile
 
 import pytest
 
+from flyte_cornserve.home import cornserve_home
 from flyte_cornserve.launch import ENV_READY_FILE, LaunchError, ReadyFile, ReadySocket, launch, start
 
 ANNOUNCE = "from flyte_cornserve.launch import announce_ready; "
@@ -52,7 +55,9 @@ def test_a_child_that_never_becomes_ready_is_stopped_at_the_timeout(tmp_path: pa
 
 
 def test_a_socket_is_ready_once_it_accepts(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "s.sock"
+    # a unix socket's path has at most 107 bytes: pytest's tmp_path may be deeper than that
+    short = pathlib.Path(tempfile.mkdtemp(prefix="launch-", dir=cornserve_home()))
+    path = short / "s.sock"
     code = ("import socket, sys, time; s = socket.socket(socket.AF_UNIX); "
             f"s.bind({str(path)!r}); s.listen(); print('listening', flush=True); s.accept(); import signal; signal.pause()")
     child = launch(python(code), None, tmp_path / "child.log", ReadySocket(path=path), timeout_s=60)
@@ -61,6 +66,7 @@ def test_a_socket_is_ready_once_it_accepts(tmp_path: pathlib.Path) -> None:
         assert child.process.poll() is None
     finally:
         child.kill()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_a_tcp_socket_that_nobody_opens_times_out(tmp_path: pathlib.Path) -> None:
