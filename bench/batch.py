@@ -451,14 +451,14 @@ def _wait_for_a_running_batch(stack: PrivateStack) -> None:
     stack has ended some items."""
     import redis
 
-    from flyte_cornserve.services.batches import RUNNER_STREAM
+    from flyte_cornserve.services.batches import runner_stream
 
     client = redis.Redis.from_url(stack.url)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if _batch_progress(stack) > 0:
             return
-        client.xread({RUNNER_STREAM: "$"}, block=1000)
+        client.xread({runner_stream(): "$"}, block=1000)
     raise RuntimeError("no batch started within 120 s")
 
 

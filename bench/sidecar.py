@@ -17,7 +17,8 @@ two nodes over loopback), float32 tensors of 1, 16 and 256 MiB:
 
 Each figure is the median of several repetitions after warm-up, a measurement and its reference
 taken in turns so that both see the same background load (flytekit in a block of its own: its file
-churn would slow whatever runs next). Memory is reused as in steady state, so the arenas' pages are
+churn would slow whatever runs next). Memory is reused as in steady state (tensors are put with
+ttl=0, so a release evicts them at once instead of leaving them CACHED), so the arenas' pages are
 already mapped; the first put onto untouched pages is shown separately. The machine has 2 cores:
 the sidecars, Redis and both workers share them.
 """
@@ -78,7 +79,7 @@ def worker(conn, redis_url: str, namespace: str, scratch: str) -> None:
         if command == "put":  # (size, id, sidecar) -> start time
             size, tensor_id, sid = args
             start = time.perf_counter()
-            clients[sid].put(tensors[size], id=tensor_id)
+            clients[sid].put(tensors[size], id=tensor_id, ttl=0)
             conn.send(start)
         elif command == "get":  # (id, sidecar) -> "waiting", then (end time, last value)
             tensor_id, sid = args

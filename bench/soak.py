@@ -22,9 +22,10 @@ After every `--wave` invocations (1,000 by default) the bench samples, from /pro
 
 Plateau: the sample after the first wave (1,000 invocations), taken as is; no median. Growth = the
 sample at the end / the plateau. The table also shows the largest sample seen in between. At the end
-the Redis keys are grouped by prefix (ids replaced by `*`), split into keys with and without a TTL:
-the invocation records are kept a day after they end by design (`RECORD_TTL_S`), so the key count
-and used_memory grow with the invocations of the last day; keys without a TTL that grow are leaks.
+the Redis keys are grouped by prefix (ids replaced by `*`), split into keys with and without a TTL.
+An ended invocation's record stays until its submitter collected it and 1,000 newer invocations were
+submitted (docs/protocol.md, "Retention"): after the first wave the records in Redis should stay at
+about 1,000; keys without a TTL that grow are leaks.
 
 Last line: `RESULT invocations=N max_rss_growth=G redis_memory_growth=M redis_keys_growth=K`
 (target: every growth <= 1.05); max_rss_growth is the largest over the cornserve services (control
@@ -54,8 +55,6 @@ from stack import PrivateStack  # noqa: E402
 MODEL_ID = "tiny-llava"
 MiB = 1024 * 1024
 TARGET = 1.05
-NOTIFY_MAXLEN = 100_000  # likewise NOTIFY_MAXLEN
-RECORD_TTL_H = 24  # flyte_cornserve's RECORD_TTL_S / 3600 (not imported: that module is moving)
 
 
 # --- sampling ---------------------------------------------------------------------------------------
@@ -120,7 +119,7 @@ def redis_figures(client) -> dict[str, int]:
 
 def retained_bytes(client, sample: int = 200) -> dict[str, float]:
     """MEMORY USAGE of an ended invocation's keys (its record and events stream), averaged over
-    `sample` of them: what each invocation of the last day holds in Redis by design."""
+    `sample` of them, and how many records Redis holds."""
     records = []
     for key in client.scan_iter(match="cornserve:invocation:*", count=1000):
         if not key.endswith(b":events"):
@@ -129,7 +128,8 @@ def retained_bytes(client, sample: int = 200) -> dict[str, float]:
             break
     usage = [(client.memory_usage(key) or 0) + (client.memory_usage(key + b":events") or 0) for key in records]
     notify = list(client.scan_iter(match="cornserve:notify:*", count=1000))
-    return {"per_invocation_bytes": sum(usage) / max(1, len(usage)), "sampled": len(usage),
+    count = sum(not key.endswith(b":events") for key in client.scan_iter(match="cornserve:invocation:*", count=1000))
+    return {"per_invocation_bytes": sum(usage) / max(1, len(usage)), "sampled": len(usage), "records": count,
             "notify_streams": len(notify), "notify_entries": sum(client.xlen(key) for key in notify),
             "notify_bytes": sum(client.memory_usage(key) or 0 for key in notify)}
 
@@ -314,10 +314,9 @@ def report(results: dict) -> None:
     retained = results["retained"]
     added = last["invocations"] - first["invocations"]
     print(f"an ended invocation's record + events stream: {retained['per_invocation_bytes']:.0f} B (MEMORY USAGE, "
-          f"mean of {retained['sampled']}), kept {RECORD_TTL_H} h by design; x {added} invocations since the plateau "
-          f"= {retained['per_invocation_bytes'] * added / MiB:.2f} MiB of the "
-          f"{(last['used_memory'] - first['used_memory']) / MiB:.2f} MiB used_memory grew by")
-    print(f"notify streams (a submitter's completions; MAXLEN ~{NOTIFY_MAXLEN}, never trimmed by its reader): "
+          f"mean of {retained['sampled']}); {retained['records']} records in Redis at the end, after {added} "
+          f"invocations since the plateau; used_memory grew by {(last['used_memory'] - first['used_memory']) / MiB:.2f} MiB")
+    print(f"notify streams (a submitter's completions; its reader trims what it read): "
           f"{retained['notify_streams']} holding {retained['notify_entries']} entries, "
           f"{retained['notify_bytes'] / MiB:.2f} MiB")
     print("max_rss_growth is over the cornserve services (control plane, sidecar, executors); the redis-server's "

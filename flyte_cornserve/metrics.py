@@ -36,7 +36,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-METRICS_KEY = "cornserve:metrics"
+from flyte_cornserve import namespace
+
 ENV_HOST = "CORNSERVE_METRICS_HOST"
 ENV_ADVERTISE_HOST = "CORNSERVE_METRICS_ADVERTISE_HOST"
 DEFAULT_HOST = "127.0.0.1"
@@ -133,33 +134,38 @@ return alive
 """
 
 
-async def advertise(client: aioredis.Redis, where: Endpoint, key: str = METRICS_KEY) -> None:
+def metrics_key() -> str:
+    """The hash of advertised endpoints: process name -> {url, role, owner} (JSON)."""
+    return namespace.key("metrics")
+
+
+async def advertise(client: aioredis.Redis, where: Endpoint, key: str | None = None) -> None:
     """Publish (or refresh) where this process serves its metrics."""
-    await client.hset(key, where.name, where.to_json())
+    await client.hset(key or metrics_key(), where.name, where.to_json())
 
 
-async def withdraw(client: aioredis.Redis, name: str, key: str = METRICS_KEY) -> None:
+async def withdraw(client: aioredis.Redis, name: str, key: str | None = None) -> None:
     """Remove this process's entry (a clean exit)."""
-    await client.hdel(key, name)
+    await client.hdel(key or metrics_key(), name)
 
 
-async def list_endpoints(client: aioredis.Redis, key: str = METRICS_KEY) -> list[Endpoint]:
+async def list_endpoints(client: aioredis.Redis, key: str | None = None) -> list[Endpoint]:
     """The advertised endpoints of live processes, by name; entries of dead ones are removed."""
-    reply = await client.eval(_LIST, 1, key)
+    reply = await client.eval(_LIST, 1, key or metrics_key())
     return _endpoints(reply)
 
 
-def advertise_sync(client: redis.Redis, where: Endpoint, key: str = METRICS_KEY) -> None:
+def advertise_sync(client: redis.Redis, where: Endpoint, key: str | None = None) -> None:
     """`advertise` for a process that uses the synchronous client (the sidecar)."""
-    client.hset(key, where.name, where.to_json())
+    client.hset(key or metrics_key(), where.name, where.to_json())
 
 
-def withdraw_sync(client: redis.Redis, name: str, key: str = METRICS_KEY) -> None:
-    client.hdel(key, name)
+def withdraw_sync(client: redis.Redis, name: str, key: str | None = None) -> None:
+    client.hdel(key or metrics_key(), name)
 
 
-def list_endpoints_sync(client: redis.Redis, key: str = METRICS_KEY) -> list[Endpoint]:
-    return _endpoints(client.eval(_LIST, 1, key))
+def list_endpoints_sync(client: redis.Redis, key: str | None = None) -> list[Endpoint]:
+    return _endpoints(client.eval(_LIST, 1, key or metrics_key()))
 
 
 def _endpoints(reply: list) -> list[Endpoint]:
@@ -218,10 +224,13 @@ class ExecutorMetrics:
 LOCAL_PUT, TCP_SERVED, TCP_FETCHED = "shared-memory", "tcp-served", "tcp-fetched"
 
 
+EVICTION_REASONS = ("lru", "ttl", "orphan")  # why a sidecar removed a tensor (`cornserve_sidecar_evictions`)
+
+
 class SidecarMetrics:
     """One sidecar's metrics. Counters are counted where things happen; the gauges are read at
     scrape time from `stats()` (a callable returning at least tensors, used, capacity, waiting,
-    high_water)."""
+    high_water, pinned_bytes, cached_bytes)."""
 
     def __init__(self, sidecar_id: str, stats: Callable[[], Any]) -> None:
         self.registry = registry = CollectorRegistry()
@@ -236,6 +245,10 @@ class SidecarMetrics:
                              "was reached)", ["sidecar"], registry=registry).labels(**label)
         self.wait_seconds = Counter("cornserve_sidecar_alloc_wait_seconds", "seconds allocations spent waiting for "
                                     "room", ["sidecar"], registry=registry).labels(**label)
+        evictions = Counter("cornserve_sidecar_evictions", "tensors removed without a forced free, by reason: lru (a "
+                            "CACHED one, for room), ttl (a CACHED one at its TTL), orphan (a PINNED one past "
+                            "max_pinned)", ["sidecar", "reason"], registry=registry)
+        self.evictions = {reason: evictions.labels(sidecar=sidecar_id, reason=reason) for reason in EVICTION_REASONS}
         registry.register(_SidecarGauges(sidecar_id, stats))
 
 
@@ -252,6 +265,8 @@ class _SidecarGauges(Collector):
             ("cornserve_sidecar_arena_capacity_bytes", "the arena's size: the memory cap", stats.capacity),
             ("cornserve_sidecar_arena_high_water_bytes", "highest arena offset ever used", stats.high_water),
             ("cornserve_sidecar_alloc_waiting", "allocations waiting for room now", stats.waiting),
+            ("cornserve_sidecar_pinned_bytes", "arena bytes of PINNED tensors (releases still expected)", stats.pinned_bytes),
+            ("cornserve_sidecar_cached_bytes", "arena bytes of CACHED tensors (evictable)", stats.cached_bytes),
         ):
             family = GaugeMetricFamily(name, doc, labels=["sidecar"])
             family.add_metric([self.sidecar_id], value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import pathlib
+import re
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -49,11 +50,38 @@ def decode_image(reference: str):
     except MediaError as exc:
         raise BadItem(str(exc), exc.recoverable) from None
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw))  # reads the header only: no pixel is decoded yet
+        _check_pixels(reference, image.size)
         image.load()
         return image.convert("RGB")
+    except BadItem:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # (the warning if made an error)
+        raise BadItem(_too_large(reference, exc)) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise BadItem(f"undecodable image {reference[:200]!r}: {exc}") from None
+
+
+def _check_pixels(reference: str, size: tuple[int, int]) -> None:
+    """Refuse, before decoding it, an image over PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`): PIL
+    itself refuses one over twice that at `Image.open`, and only warns below."""
+    from PIL import Image
+
+    limit, pixels = Image.MAX_IMAGE_PIXELS, size[0] * size[1]
+    if limit is not None and pixels > limit:
+        raise BadItem(f"image {reference[:200]!r} is too large: {size[0]}x{size[1]} = {pixels} pixels, over the "
+                      f"limit of {limit} pixels (a decompression bomb?)")
+
+
+def _too_large(reference: str, exc: Exception) -> str:
+    """The message for PIL's refusal at `Image.open` (which says how many pixels, not the size)."""
+    from PIL import Image
+
+    pixels = re.search(r"\((\d+) pixels\)", str(exc))
+    if pixels is None or Image.MAX_IMAGE_PIXELS is None:
+        return f"image {reference[:200]!r} is too large: {exc}"
+    return (f"image {reference[:200]!r} is too large: {pixels[1]} pixels, over the limit of "
+            f"{Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?)")
 
 
 class EncoderHandler(Handler):

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from flyte_cornserve.launch import announce_ready
 from flyte_cornserve.metrics import ExecutorMetrics, MetricsServer, advertise, endpoint, serve, withdraw
+from flyte_cornserve.protocol.deployments import executor_key
 from flyte_cornserve.protocol.invocations import (
     GROUP,
     MAX_BLOCK_S,
@@ -50,13 +51,9 @@ READ_BLOCK_MS = 1000  # a blocking read's longest wait: bounds how long SIGTERM 
 INTERACTIVE_RESERVE = 8
 
 
-def executor_key(executor_id: str) -> str:
-    return f"cornserve:executor:{executor_id}"
-
-
 def wake_key(executor_id: str) -> str:
     """A stream only this executor's watcher reads: an entry wakes its blocking read to watch more."""
-    return f"cornserve:executor:{executor_id}:wake"
+    return executor_key(executor_id) + ":wake"
 
 
 class ExecutorRuntime:

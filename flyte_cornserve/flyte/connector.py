@@ -20,6 +20,7 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
 from flytekit import FlyteContextManager
@@ -27,13 +28,15 @@ from flytekit.core.type_engine import TypeEngine
 from flytekit.extend.backend.base_connector import AsyncConnectorBase, ConnectorRegistry, Resource, ResourceMeta
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskTemplate
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 from flyte_cornserve.decks.render import render_unit
 
 from flyte_cornserve.descriptors import descriptor_for
-from flyte_cornserve.protocol.invocations import TERMINAL, ErrorKind, State
+from flyte_cornserve.protocol.invocations import TERMINAL, ErrorKind, MalformedRecord, State
 from flyte_cornserve.services.control import ControlPlaneError
 from flyte_cornserve.services.dispatcher import failure_of
+from flyte_cornserve.services.stack import current_url
 from flyte_cornserve.services.task_manager import describe
 from flyte_cornserve.task import TaskInputError, unit_task_from_json
 
@@ -89,6 +92,8 @@ class CornserveConnector(AsyncConnectorBase):
             submission = await (await shared_dispatcher()).submit(unit_task, request, wait_ready=False)
         except ControlPlaneError as exc:  # a refusal, or no control plane there to answer
             return CornserveMetadata(error=f"{describe(unit_task)}: {exc}", retryable=exc.recoverable)
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # Redis down or restarting: a later try may reach it
+            return CornserveMetadata(error=_bounded(_redis_unreachable(unit_task, exc)), retryable=True)
         except (TaskInputError, ValueError, TypeError) as exc:  # retrying cannot help
             return CornserveMetadata(error=_bounded(str(exc)))
         return CornserveMetadata(invocation_id=submission.invocation_id, task=submission.task.to_json(),
@@ -101,13 +106,18 @@ class CornserveConnector(AsyncConnectorBase):
         dispatcher = await shared_dispatcher()
         try:
             record = await dispatcher.store.record(resource_meta.invocation_id)
-        except KeyError:  # its record expired (kept a day once it ended), or this is another Redis
+            if record.state not in TERMINAL and record.deadline and time.time() >= record.deadline:
+                await dispatcher.store.time_out(record.id, record.deadline - record.created_at)
+                record = await dispatcher.store.record(record.id)
+        except KeyError:  # its record went (docs/protocol.md, "Retention"), or this is another Redis
             return Resource(phase=TaskExecution.FAILED,
                             message=f"invocation {resource_meta.invocation_id} is unknown or expired: its record "
                                     f"is not in this cornserve stack's Redis")
-        if record.state not in TERMINAL and record.deadline and time.time() >= record.deadline:
-            await dispatcher.store.time_out(record.id, record.deadline - record.created_at)
-            record = await dispatcher.store.record(record.id)
+        except MalformedRecord as exc:  # written by hand or corrupted: no retry reads it better
+            return Resource(phase=TaskExecution.FAILED,
+                            message=_bounded(f"{describe(unit_task_from_json(resource_meta.task))}: {exc}"))
+        if record.state in TERMINAL:  # Propeller has it once this answers; a repeated get still finds it
+            await dispatcher.store.collect(record.id)
         task = unit_task_from_json(resource_meta.task)
         prefix = resource_meta.output_prefix
         links = await decks.log_links(dispatcher.redis, decks.executors_of(record)) + decks.deck_link(prefix)
@@ -116,7 +126,11 @@ class CornserveConnector(AsyncConnectorBase):
             view = await decks.unit_view(dispatcher.store, task, [record.id], links)
             await decks.write_deck(prefix, render_unit(view))
         if record.state is State.DONE:
-            output = descriptor_for(task).decode_response(record.output or {})
+            try:
+                output = descriptor_for(task).decode_response(record.output or {})
+            except ValueError as exc:  # a pydantic ValidationError: not what the task's executor writes
+                return Resource(phase=TaskExecution.FAILED, log_links=log_links, message=_bounded(
+                    f"invocation {record.id}: its record's output does not fit {describe(task)}'s outputs: {exc}"))
             literals = await _literals(output)
             if not prefix:
                 return Resource(phase=TaskExecution.SUCCEEDED, message="done", outputs=literals, log_links=log_links)
@@ -141,6 +155,31 @@ MAX_MESSAGE = 8192
 
 def _bounded(message: str, limit: int = MAX_MESSAGE) -> str:
     return message if len(message) <= limit else f"{message[:limit]}... ({len(message) - limit} more characters)"
+
+
+def _redis_unreachable(unit_task: Any, exc: Exception) -> str:
+    """create()'s message when the stack's Redis did not answer: which Redis (its URL without
+    credentials), and why; Propeller retries the node."""
+    url = current_url()
+    where = f" at {_redacted_url(url)}" if url else ""
+    reason = _scrubbed(str(exc), url) if url else str(exc)
+    return (f"{describe(unit_task)}: could not reach the cornserve stack's Redis{where} ({type(exc).__name__}: "
+            f"{reason}); it may be down or restarting, the task will be retried")
+
+
+def _redacted_url(url: str) -> str:
+    """The URL without user name and password: `redis://user:pw@host/0?password=pw` -> `redis://host/0`."""
+    parts = urlsplit(url)
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"])
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{query}" if query else "")
+
+
+def _scrubbed(text: str, url: str) -> str:
+    """`text` with the URL's user name and password (if it quotes them) replaced by `***`."""
+    parts = urlsplit(url)
+    for secret in {s for s in (parts.username, parts.password, *parse_qs(parts.query).get("password", [])) if s}:
+        text = text.replace(secret, "***")
+    return text
 
 
 def _conversion_error(exc: Exception) -> str:

@@ -12,14 +12,25 @@ import time
 
 import redis
 
-DEPLOYMENT_EVENTS_KEY = "cornserve:deployments:events"  # stream: {deployment, event, detail}
+from flyte_cornserve.namespace import key
+
 DEPLOYMENT_EVENTS_MAXLEN = 1000
 PHASES_TTL_S = 3600  # an executor's phase outlives its start by this much, whoever removes it (or not)
 
 
+def deployment_events_key() -> str:
+    """The deployments' events stream: {deployment, event, detail}."""
+    return key("deployments", "events")
+
+
 def phases_key(deployment_id: str) -> str:
     """Each executor's latest start-up phase (field: executor id); see `PhaseReporter`."""
-    return f"cornserve:deployment:{deployment_id}:phases"
+    return key("deployment", deployment_id, "phases")
+
+
+def executor_key(executor_id: str) -> str:
+    """An executor's heartbeat (a JSON string with a TTL): it exists while the executor lives."""
+    return key("executor", executor_id)
 
 
 class PhaseReporter:
@@ -42,7 +53,7 @@ class PhaseReporter:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(key, self.executor_id, json.dumps({"phase": phase, "step": step, "at": time.time()}))
             pipe.expire(key, PHASES_TTL_S)
-            pipe.xadd(DEPLOYMENT_EVENTS_KEY, {"deployment": self.deployment_id, "event": "phase",
+            pipe.xadd(deployment_events_key(), {"deployment": self.deployment_id, "event": "phase",
                                               "detail": f"{self.executor_id} {phase} {step}", "phase": phase,
                                               "step": step, "executor": self.executor_id},
                       maxlen=DEPLOYMENT_EVENTS_MAXLEN, approximate=True)

@@ -14,6 +14,7 @@ per item. See docs/protocol.md.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,15 +24,16 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from flyte_cornserve.namespace import key
+
+log = logging.getLogger(__name__)
+
 GROUP = "executors"
 RECORD_TTL_S = 24 * 3600
 NOTIFY_TTL_S = 24 * 3600  # an abandoned notify stream (its reader went away) goes after this
 NOTIFY_MAXLEN = 100_000
 #: how many invocations `recent()` can list (the CLI's status table)
 RECENT_LIMIT = 1000
-RECENT_KEY = "cornserve:invocations"
-#: terminal states counted once per invocation: field "<deployment>|<state>|<error kind or empty>"
-COUNTS_KEY = "cornserve:invocations:counts"
 #: longest single blocking read: below redis-py's default 5 s socket timeout
 MAX_BLOCK_S = 2.0
 
@@ -60,8 +62,18 @@ class Priority(str, Enum):
     BATCH = "batch"
 
 
+def recent_key() -> str:
+    """The invocations by submission time (a sorted set of the last `RECENT_LIMIT`)."""
+    return key("invocations")
+
+
+def counts_key() -> str:
+    """Terminal states counted once per invocation: field "<deployment>|<state>|<error kind or empty>"."""
+    return key("invocations", "counts")
+
+
 def queue_key(deployment_id: str, priority: Priority = Priority.INTERACTIVE) -> str:
-    base = f"cornserve:queue:{deployment_id}"
+    base = key("queue", deployment_id)
     return base if priority is Priority.INTERACTIVE else f"{base}:batch"
 
 
@@ -72,15 +84,15 @@ def queue_keys(deployment_id: str) -> tuple[str, str]:
 
 def notify_key(name: str) -> str:
     """A stream that receives `{id, state}` when an invocation that names it ends."""
-    return f"cornserve:notify:{name}"
+    return key("notify", name)
 
 
 def invocation_key(invocation_id: str) -> str:
-    return f"cornserve:invocation:{invocation_id}"
+    return key("invocation", invocation_id)
 
 
 def events_key(invocation_id: str) -> str:
-    return f"cornserve:invocation:{invocation_id}:events"
+    return invocation_key(invocation_id) + ":events"  # the retention scripts build it so too
 
 
 @dataclass(frozen=True)
@@ -199,11 +211,11 @@ class Record:
         return self.finished_at - self.started_at
 
 
-# KEYS: invocation hash, events stream. ARGV: new state, allowed current states (comma-separated),
-# ttl seconds for terminal states (0 = keep), a note for the event (why: "" for none), then field/value
-# pairs to set. The event carries the state, the note and the `executor` field if one is set. A terminal
-# state is counted once in COUNTS_KEY and appended to the stream the record names in `notify` (neither
-# declared in KEYS: Redis is one instance).
+# KEYS: invocation hash, events stream, counts hash. ARGV: new state, allowed current states
+# (comma-separated), ttl seconds for terminal states (0 = keep), a note for the event (why: "" for
+# none), the invocation id, then field/value pairs to set. The event carries the state, the note and
+# the `executor` field if one is set. A terminal state is counted once in the counts hash and appended
+# to the stream the record names in `notify` (not declared in KEYS: Redis is one instance).
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then return 0 end
@@ -212,7 +224,7 @@ for s in string.gmatch(ARGV[2], '[^,]+') do if s == current then allowed = true 
 if not allowed then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
 local event = {'state', ARGV[1]}
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   if ARGV[i] == 'executor' then table.insert(event, 'executor'); table.insert(event, ARGV[i + 1]) end
 end
@@ -225,15 +237,53 @@ if tonumber(ARGV[3]) > 0 then
   local kind = ''
   if ARGV[1] == 'ERROR' then kind = redis.call('HGET', KEYS[1], 'error_kind') or '' end
   local deployment = redis.call('HGET', KEYS[1], 'deployment_id') or ''
-  redis.call('HINCRBY', '%s', deployment .. '|' .. ARGV[1] .. '|' .. kind, 1)
+  redis.call('HINCRBY', KEYS[3], deployment .. '|' .. ARGV[1] .. '|' .. kind, 1)
   local notify = redis.call('HGET', KEYS[1], 'notify')
   if notify and notify ~= '' then
-    redis.call('XADD', notify, 'MAXLEN', '~', %d, '*', 'id', string.sub(KEYS[1], %d), 'state', ARGV[1])
+    redis.call('XADD', notify, 'MAXLEN', '~', %d, '*', 'id', ARGV[5], 'state', ARGV[1])
     redis.call('EXPIRE', notify, %d)
   end
 end
 return 1
-""" % (COUNTS_KEY, NOTIFY_MAXLEN, len(invocation_key("")) + 1, NOTIFY_TTL_S)
+""" % (NOTIFY_MAXLEN, NOTIFY_TTL_S)
+
+# Retention of ended records (see `InvocationStore.collect`). A record goes once it ended, its
+# submitter collected its outcome, and it is no longer among the `RECENT_LIMIT` newest submissions;
+# one nobody collected stays its `RECORD_TTL_S`.
+#
+# _TRIM: KEYS: the recent set. ARGV: the limit, the records' key prefix. Drops the oldest entries
+# beyond the limit, and the records of those that were collected.
+_TRIM = """
+local overflow = redis.call('ZRANGE', KEYS[1], 0, -tonumber(ARGV[1]) - 1)
+if #overflow == 0 then return 0 end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[1]) - 1)
+local dropped = 0
+for _, id in ipairs(overflow) do
+  local record = ARGV[2] .. id
+  if redis.call('HGET', record, 'collected') == '1' then
+    redis.call('DEL', record, record .. ':events')
+    dropped = dropped + 1
+  end
+end
+return dropped
+"""
+
+# _COLLECT: KEYS: the recent set. ARGV: the records' key prefix, then invocation ids. Marks each ended
+# record collected; one already out of the recent set goes at once.
+_COLLECT = """
+for i = 2, #ARGV do
+  local record = ARGV[1] .. ARGV[i]
+  local state = redis.call('HGET', record, 'state')
+  if state == 'DONE' or state == 'ERROR' or state == 'CANCELLED' then
+    if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+      redis.call('HSET', record, 'collected', '1')
+    else
+      redis.call('DEL', record, record .. ':events')
+    end
+  end
+end
+return 0
+"""
 
 
 class MalformedRecord(ValueError):
@@ -254,12 +304,104 @@ def _count(value: bytes | str | None, default: int) -> int:
     return number
 
 
+def _parsed(invocation_id: str, name: str, value: Any, convert: Any) -> Any:
+    """`convert(value)`, or a `MalformedRecord` naming the invocation, the field and (bounded) its value."""
+    try:
+        return convert(value)
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+        why = str(exc)  # bounded too: some quote the value whole ("'...' is not a valid State")
+        why = why if len(why) <= 300 else f"{why[:300]}..."
+        raise MalformedRecord(f"invocation {invocation_id}: its record's {name} is malformed "
+                              f"({_shown(value)}: {why})") from None
+
+
+def _json_of(kind: type, what: str) -> Any:
+    """A converter: JSON text that must decode to a `kind` (a dict: "an object", a list: "a list")."""
+    def convert(value: bytes | str) -> Any:
+        data = json.loads(value)
+        if not isinstance(data, kind):
+            raise ValueError(f"a {type(data).__name__}, not {what}")
+        return data
+    return convert
+
+
+#: what each of a record's `transfers` holds (`sidecar.Transfer.to_json()`), as its deck reads it
+_TRANSFER_FIELDS = {"op": str, "id": str, "shape": list, "dtype": str, "nbytes": int, "path": str,
+                    "seconds": (int, float), "at": (int, float)}
+
+
+def _transfers(value: bytes | str) -> list[dict[str, Any]]:
+    transfers = _json_of(list, "a list of transfers")(value)
+    for k, transfer in enumerate(transfers):
+        if not isinstance(transfer, dict):
+            raise ValueError(f"transfer {k} is a {type(transfer).__name__}, not an object")
+        for name, kind in _TRANSFER_FIELDS.items():
+            if not isinstance(transfer.get(name), kind) or isinstance(transfer.get(name), bool):
+                raise ValueError(f"transfer {k} has no {name} of the right type")
+    return transfers
+
+
+def _event(invocation_id: str, entry_id: bytes | str, fields: dict[bytes, bytes]) -> Event:
+    """One entry of the events stream (its id, a stream entry's, says when)."""
+    at = int(_text(entry_id).split("-")[0]) / 1000
+    state = _parsed(invocation_id, f"event {_text(entry_id)} state", fields.get(b"state"), lambda v: State(_text(v)))
+    return Event(state, at, _text(fields.get(b"executor"), lenient=True), _text(fields.get(b"note"), lenient=True))
+
+
+def _read_record(invocation_id: str, fields: dict[str, bytes], entries: list[Any]) -> Record:
+    """A `Record` from its hash's fields (raw values) and its events stream; each field parsed once,
+    a `MalformedRecord` naming the first one that cannot be."""
+    def parse(name: str, convert: Any, default: Any = None, required: bool = False) -> Any:
+        if name not in fields:
+            if required:
+                raise MalformedRecord(f"invocation {invocation_id}: its record has no {name}")
+            return default
+        return _parsed(invocation_id, name, fields[name], convert)
+
+    def optional(convert: Any) -> Any:  # "" (or absent) is no value
+        return lambda value: convert(value) if _text(value) else None
+
+    def free_text(name: str) -> str:  # shown to people: undecodable bytes do not make it unreadable
+        return _text(fields.get(name), lenient=True)
+
+    state = parse("state", lambda v: State(_text(v)), required=True)
+    events = [_event(invocation_id, entry_id, entry) for entry_id, entry in entries]
+    output = parse("output", optional(_json_of(dict, "an object")))
+    items = parse("items", lambda v: _count(v, 0), 0)
+    if state is State.DONE and output is None and not items:  # a batch's outputs go once the runner took them
+        raise MalformedRecord(f"invocation {invocation_id}: its record's output is missing (its state is DONE)")
+    return Record(
+        id=invocation_id,
+        state=state,
+        deployment_id=parse("deployment_id", _text, required=True),
+        output=output,
+        error=free_text("error"),
+        error_kind=parse("error_kind", optional(lambda v: ErrorKind(_text(v)))),
+        executor=free_text("executor"),
+        attempt=parse("attempt", lambda v: _count(v, 0), 0),
+        max_attempts=parse("max_attempts", lambda v: _count(v, 1), 1),
+        label=free_text("label"),
+        priority=parse("priority", lambda v: Priority(_text(v) or Priority.INTERACTIVE.value), Priority.INTERACTIVE),
+        items=items,
+        created_at=parse("created_at", lambda v: _seconds(v) or 0.0, 0.0),
+        started_at=parse("started_at", _seconds),
+        finished_at=parse("finished_at", _seconds),
+        deadline=parse("deadline", _seconds),
+        history=[event.state for event in events],
+        events=events,
+        node=free_text("node"),
+        route=free_text("route"),
+        transfers=parse("transfers", optional(_transfers), []) or [],
+    )
+
+
 class InvocationStore:
     """Both sides of the protocol on one async Redis client."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
         self._transition = client.register_script(_TRANSITION)
+        self._collect = client.register_script(_COLLECT)
         self._queues: set[str] = set()  # deployments whose consumer group this store has made sure of
 
     # -- submitter side -------------------------------------------------------------------------
@@ -301,8 +443,8 @@ class InvocationStore:
         pipe.xadd(events_key(invocation_id), {"state": State.QUEUED.value})
         entry = {"id": invocation_id} if items is None else {"id": invocation_id, "n": len(items)}
         pipe.xadd(queue_key(deployment_id, priority), entry)
-        pipe.zadd(RECENT_KEY, {invocation_id: now})
-        pipe.zremrangebyrank(RECENT_KEY, 0, -RECENT_LIMIT - 1)
+        pipe.zadd(recent_key(), {invocation_id: now})
+        pipe.eval(_TRIM, 1, recent_key(), RECENT_LIMIT, invocation_key(""))  # (a Script object cannot join a sync pipe)
 
     async def wait(self, invocation_id: str, timeout_s: float) -> Record:
         """Block until the invocation reaches a terminal state or `timeout_s` passes; return its record."""
@@ -321,44 +463,33 @@ class InvocationStore:
                         return await self.record(invocation_id)
 
     async def record(self, invocation_id: str) -> Record:
-        fields = {_text(k): _text(v) for k, v in (await self.redis.hgetall(invocation_key(invocation_id))).items()}
+        """The invocation's record: a KeyError if there is none, a `MalformedRecord` naming the field
+        if it cannot be read (written by hand, or corrupted)."""
+        fields = {_text(k, lenient=True): v for k, v in (await self.redis.hgetall(invocation_key(invocation_id))).items()}
         if not fields:
             raise KeyError(f"no invocation {invocation_id!r} (never submitted, or expired)")
-        events = await self.redis.xrange(events_key(invocation_id))
-        return Record(
-            id=invocation_id,
-            state=State(fields["state"]),
-            deployment_id=fields["deployment_id"],
-            output=json.loads(fields["output"]) if fields.get("output") else None,
-            error=fields.get("error", ""),
-            error_kind=ErrorKind(fields["error_kind"]) if fields.get("error_kind") else None,
-            executor=fields.get("executor", ""),
-            attempt=int(fields.get("attempt", 0)),
-            max_attempts=int(fields.get("max_attempts") or 1),
-            label=fields.get("label", ""),
-            priority=Priority(fields.get("priority") or Priority.INTERACTIVE.value),
-            items=int(fields.get("items") or 0),
-            created_at=float(fields.get("created_at") or 0.0),
-            started_at=_seconds(fields.get("started_at")),
-            finished_at=_seconds(fields.get("finished_at")),
-            deadline=_seconds(fields.get("deadline")),
-            history=[State(_text(f[b"state"])) for _, f in events],
-            events=[Event(State(_text(f[b"state"])), int(_text(entry_id).split("-")[0]) / 1000,
-                          _text(f.get(b"executor")), _text(f.get(b"note"))) for entry_id, f in events],
-            node=fields.get("node", ""),
-            route=fields.get("route", ""),
-            transfers=json.loads(fields["transfers"]) if fields.get("transfers") else [],
-        )
+        return _read_record(invocation_id, fields, await self.redis.xrange(events_key(invocation_id)))
 
     async def recent(self, limit: int = 20) -> list[Record]:
-        """The last `limit` submitted invocations that still have a record, newest first."""
+        """The last `limit` submitted invocations that still have a record, newest first; one whose
+        record cannot be read is left out (and logged), not the listing's failure."""
         records = []
-        for invocation_id in await self.redis.zrevrange(RECENT_KEY, 0, limit - 1):
+        for invocation_id in await self.redis.zrevrange(recent_key(), 0, limit - 1):
             try:
-                records.append(await self.record(_text(invocation_id)))
+                records.append(await self.record(_text(invocation_id, lenient=True)))
             except KeyError:
-                await self.redis.zrem(RECENT_KEY, invocation_id)
+                await self.redis.zrem(recent_key(), invocation_id)
+            except MalformedRecord as exc:
+                log.warning("recent invocations: left out %s", exc)
         return records
+
+    async def collect(self, *invocation_ids: str) -> None:
+        """The submitter has the outcome of these ended invocations: their records may go once they
+        fall out of the `RECENT_LIMIT` newest (so Redis holds a bounded history, not a day of them).
+        Until then a repeated read (a `GetTask` again, `cornserve status`, a deck) still finds them.
+        Records not yet ended are left alone."""
+        if invocation_ids:
+            await self._collect(keys=[recent_key()], args=[invocation_key(""), *invocation_ids])
 
     async def cancel(self, invocation_id: str) -> bool:
         """Mark a not yet finished invocation CANCELLED; its executor skips or aborts it."""
@@ -398,11 +529,7 @@ class InvocationStore:
             return None
 
         def parse(name: str, value: Any, convert: Any) -> Any:
-            try:
-                return convert(value)
-            except (ValueError, TypeError) as exc:
-                raise MalformedRecord(f"invocation {invocation_id}: its record's {name} is malformed "
-                                      f"({_shown(value)}: {exc})") from None
+            return _parsed(invocation_id, name, value, convert)
 
         payload = parse("input", fields[0], json.loads)
         batch = bool(fields[5])
@@ -468,7 +595,7 @@ class InvocationStore:
     async def counts(self) -> dict[tuple[str, str, str], int]:
         """Invocations that ended, by (deployment, terminal state, error kind or ""), each counted once."""
         counts = {}
-        for field_name, value in (await self.redis.hgetall(COUNTS_KEY)).items():
+        for field_name, value in (await self.redis.hgetall(counts_key())).items():
             deployment, state, kind = _text(field_name).split("|")
             counts[(deployment, state, kind)] = int(value)
         return counts
@@ -477,10 +604,11 @@ class InvocationStore:
                          **fields: str) -> bool:
         """Move the invocation to `state` if it is in one of `allowed`; `note` says why, on its event."""
         ttl = RECORD_TTL_S if state in TERMINAL else 0
-        args = [state.value, ",".join(s.value for s in allowed), ttl, note]
+        args = [state.value, ",".join(s.value for s in allowed), ttl, note, invocation_id]
         for name, value in fields.items():
             args += [name, value]
-        return bool(await self._transition(keys=[invocation_key(invocation_id), events_key(invocation_id)], args=args))
+        keys = [invocation_key(invocation_id), events_key(invocation_id), counts_key()]
+        return bool(await self._transition(keys=keys, args=args))
 
 
 def _seconds(value: bytes | str | None) -> float | None:
@@ -488,5 +616,8 @@ def _seconds(value: bytes | str | None) -> float | None:
     return float(text) if text else None
 
 
-def _text(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")
+def _text(value: bytes | str | None, lenient: bool = False) -> str:
+    """A field's text; `lenient`: bytes that are not UTF-8 replaced (free text, shown to people)."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace" if lenient else "strict")
+    return value or ""

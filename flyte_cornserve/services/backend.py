@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from flyte_cornserve import launch
 from flyte_cornserve.redis_server import ENV_URL
-from flyte_cornserve.sidecar.directory import ENV_NAMESPACE, ENV_SIDECAR_ID
+from flyte_cornserve.namespace import ENV_NAMESPACE
+from flyte_cornserve.sidecar.directory import ENV_SIDECAR_ID
 from flyte_cornserve.task import Resources
 
 from . import leftovers

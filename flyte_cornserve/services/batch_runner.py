@@ -1,6 +1,6 @@
 """The batch runner: every item of every batch, pipelined through the deployments, in bulk.
 
-It runs inside the control plane, as one loop over one Redis stream (`RUNNER_STREAM`) that carries
+It runs inside the control plane, as one loop over one Redis stream (`runner_stream()`) that carries
 new batches, cancellations and the end of every invocation it submitted. An item's plan is a small
 graph of unit-task invocations (encoder -> LLM); a node is ready once the nodes it takes outputs
 from are done. Ready nodes of one unit task are sent together, as one batch invocation of up to
@@ -44,19 +44,18 @@ from flyte_cornserve.protocol.invocations import (
     Record,
     State,
     _text,
-    events_key,
     invocation_key,
 )
 from flyte_cornserve.task import UnitTask, unit_task_from_json
 from flyte_cornserve.task.plan import Plan, PlanNode
 
 from .batches import (
-    ACTIVE_KEY,
+    active_key,
     BATCH_TTL_S,
     EVENTS_MAXLEN,
     KEPT_ERRORS,
     KEPT_SAMPLES,
-    RUNNER_STREAM,
+    runner_stream,
     SAMPLE_EVERY_S,
     Batch,
     BatchState,
@@ -80,9 +79,6 @@ DEFAULT_MAX_IN_FLIGHT = 512
 DEFAULT_MICRO_BATCH = 64
 PROGRESS_EVERY_S = 0.25  # the longest a batch's watchers wait for news of progress
 ENDED_EVENTS_TTL_S = 3600  # a finished batch's events stream (its record stays BATCH_TTL_S)
-#: how long the record of a batch invocation whose outcomes the runner took in stays (its timing,
-#: for `cornserve status` and tests): Redis then holds only live work, whatever the dataset's size
-LANDED_RECORD_TTL_S = 600
 FIRST_ERRORS = 3  # how many item errors a failed batch's message quotes
 
 
@@ -225,14 +221,14 @@ class BatchRunner:
                         await self._advance()
                     due = self._timers[0][0] - time.monotonic() if self._timers else MAX_BLOCK_S
                     block_ms = max(1, int(min(MAX_BLOCK_S, max(0.0, due)) * 1000))
-                    reply = await reader.xread({RUNNER_STREAM: cursor}, block=block_ms, count=10_000)
+                    reply = await reader.xread({runner_stream(): cursor}, block=block_ms, count=10_000)
                     entries = [(entry_id, fields) for _, found in reply or [] for entry_id, fields in found]
                     if entries:
                         cursor = _text(entries[-1][0])
                     await self._take(entries)
                     await self._advance()
                     if entries:  # read: what is before the cursor is of no more use
-                        await self.redis.xtrim(RUNNER_STREAM, minid=cursor)
+                        await self.redis.xtrim(runner_stream(), minid=cursor)
                     backoff = 0.0
                 except Exception as exc:  # Redis went away, or a bug: start over from what Redis holds
                     backoff = min(max(2 * backoff, 0.2), 5.0)
@@ -247,7 +243,7 @@ class BatchRunner:
             await reader.aclose()
 
     async def _stream_end(self, reader: aioredis.Redis) -> str:
-        newest = await reader.xrevrange(RUNNER_STREAM, count=1)
+        newest = await reader.xrevrange(runner_stream(), count=1)
         return _text(newest[0][0]) if newest else "0-0"
 
     def _forget_all(self) -> None:
@@ -294,7 +290,7 @@ class BatchRunner:
             return self.batches[batch_id]
         batch = await self.batch_store.load(batch_id)
         if batch is None or batch.state not in (BatchState.QUEUED, BatchState.RUNNING, BatchState.CANCELLING):
-            await self.redis.srem(ACTIVE_KEY, batch_id)
+            await self.redis.srem(active_key(), batch_id)
             return None
         try:
             header = await asyncio.to_thread(read_chunk_header, batch.spec.chunk)
@@ -317,7 +313,7 @@ class BatchRunner:
     async def _resume(self) -> None:
         """Rebuild every active batch from Redis: its unfinished items, what runs for them."""
         orphans: list[str] = []
-        for raw in sorted(await self.redis.smembers(ACTIVE_KEY)):
+        for raw in sorted(await self.redis.smembers(active_key())):
             running = await self._start(_text(raw))
             if running is None:
                 continue
@@ -414,7 +410,7 @@ class BatchRunner:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(batch_key(batch.id), mapping={"state": state.value, "message": message,
                                                     "finished_at": repr(time.time()), "retryable": int(retryable)})
-            pipe.srem(ACTIVE_KEY, batch.id)
+            pipe.srem(active_key(), batch.id)
             pipe.delete(batch_key(batch.id, "items"), batch_key(batch.id, "inflight"))
             if drop_results:  # the results file holds them, and a batch that is DONE never runs again
                 pipe.delete(batch_key(batch.id, "results"))
@@ -525,7 +521,7 @@ class BatchRunner:
             self.store.queue_submission(
                 pipe, deployment.id, invocation_id, items=payloads,
                 timeout_s=timeout.total_seconds() if timeout is not None else None,
-                label=describe(target), priority=Priority.BATCH, notify=RUNNER_STREAM,
+                label=describe(target), priority=Priority.BATCH, notify=runner_stream(),
             )
             by_batch: dict[str, list] = defaultdict(list)
             for work in sent:
@@ -670,10 +666,9 @@ class BatchRunner:
                 for batch_id in {work.run.batch.id for work in flight.work}:
                     pipe.hdel(batch_key(batch_id, "inflight"), flight.id)
             await pipe.execute()
-        if changes.landed:  # taken in: only the record's timing stays, for a while
+        if changes.landed:  # taken in: only the record's timing stays, as history (`collect`)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for flight in changes.landed:
                     pipe.hdel(invocation_key(flight.id), "input", "output")
-                    pipe.expire(invocation_key(flight.id), LANDED_RECORD_TTL_S)
-                    pipe.delete(events_key(flight.id))
                 await pipe.execute()
+            await self.store.collect(*(flight.id for flight in changes.landed))

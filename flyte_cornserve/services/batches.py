@@ -7,7 +7,7 @@ per item. In between, Redis holds the batch: its record (spec, state, counters),
 each admitted item, which invocation runs which items, and each item's final row, so that a
 restarted control plane resumes the batch and no item ends twice. This module owns those keys.
 
-Keys (namespace `cornserve:`):
+Keys (under the namespace, `cornserve:` by default; see `flyte_cornserve.namespace`):
 
 | key | type | what |
 |---|---|---|
@@ -37,6 +37,7 @@ import fsspec
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 
+from flyte_cornserve.namespace import key
 from flyte_cornserve.protocol.invocations import _text, notify_key
 from flyte_cornserve.task.plan import Plan
 
@@ -46,17 +47,27 @@ EVENTS_MAXLEN = 1000
 SAMPLE_EVERY_S = 0.5
 KEPT_SAMPLES = 2000  # the progress samples and stage runs a batch keeps (the newest)
 KEPT_ERRORS = 20
-RUNNER_STREAM = notify_key("batch-runner")  # what the runner reads: new batches, cancels, completions
-BATCHES_KEY = "cornserve:batches"
-ACTIVE_KEY = "cornserve:batches:active"
+
+
+def runner_stream() -> str:
+    """What the runner reads: new batches, cancels, completions."""
+    return notify_key("batch-runner")
+
+
+def batches_key() -> str:
+    return key("batches")
+
+
+def active_key() -> str:
+    return key("batches", "active")
 
 
 def batch_key(batch_id: str, part: str = "") -> str:
-    return f"cornserve:batch:{batch_id}" + (f":{part}" if part else "")
+    return key("batch", batch_id, *([part] if part else []))
 
 
-def idempotency_key(key: str) -> str:
-    return f"cornserve:batch-key:{key}"
+def idempotency_key(name: str) -> str:
+    return key("batch-key", name)
 
 
 # -- the chunk file ---------------------------------------------------------------------------------
@@ -283,9 +294,9 @@ class BatchStore:
                 "spec": spec.model_dump_json(), "state": BatchState.QUEUED.value, "label": spec.label,
                 "total": spec.items, "done": 0, "failed": 0, "cancelled": 0, "admitted": 0, "created_at": repr(now),
             })
-            pipe.zadd(BATCHES_KEY, {batch_id: now})
-            pipe.sadd(ACTIVE_KEY, batch_id)
-            pipe.xadd(RUNNER_STREAM, {"op": "start", "batch": batch_id})
+            pipe.zadd(batches_key(), {batch_id: now})
+            pipe.sadd(active_key(), batch_id)
+            pipe.xadd(runner_stream(), {"op": "start", "batch": batch_id})
             await pipe.execute()
         return batch_id
 
@@ -306,8 +317,8 @@ class BatchStore:
             })
             for part in ("", "progress", "stages", "errors"):
                 pipe.persist(batch_key(batch.id, part))
-            pipe.sadd(ACTIVE_KEY, batch.id)
-            pipe.xadd(RUNNER_STREAM, {"op": "start", "batch": batch.id})
+            pipe.sadd(active_key(), batch.id)
+            pipe.xadd(runner_stream(), {"op": "start", "batch": batch.id})
             await pipe.execute()
 
     async def load(self, batch_id: str) -> Batch | None:
@@ -321,7 +332,7 @@ class BatchStore:
             return False
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(batch_key(batch_id), "state", BatchState.CANCELLING.value)
-            pipe.xadd(RUNNER_STREAM, {"op": "cancel", "batch": batch_id})
+            pipe.xadd(runner_stream(), {"op": "cancel", "batch": batch_id})
             await pipe.execute()
         return True
 
@@ -342,10 +353,10 @@ class BatchStore:
     async def recent(self, limit: int = 20) -> list[Batch]:
         """The last `limit` batches that still have a record, newest first."""
         found = []
-        for batch_id in await self.redis.zrevrange(BATCHES_KEY, 0, limit - 1):
+        for batch_id in await self.redis.zrevrange(batches_key(), 0, limit - 1):
             batch = await self.load(_text(batch_id))
             if batch is None:
-                await self.redis.zrem(BATCHES_KEY, batch_id)
+                await self.redis.zrem(batches_key(), batch_id)
             else:
                 found.append(batch)
         return found
@@ -356,6 +367,6 @@ class BatchStore:
         last = dict(last or {})
         streams = {batch_key(b, "events"): last.get(b, "0-0") for b in batch_ids}
         reply = await self.redis.xread(streams, block=max(1, int(timeout_s * 1000)))
-        for key, entries in reply or []:
-            last[_text(key).split(":")[2]] = _text(entries[-1][0])
+        for stream, entries in reply or []:
+            last[_text(stream).split(":")[2]] = _text(entries[-1][0])
         return last

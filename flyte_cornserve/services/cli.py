@@ -188,6 +188,7 @@ async def _status_tables(url: str, limit: int, batch_limit: int = 10) -> list[An
     from rich.table import Table
 
     from flyte_cornserve.metrics import list_endpoints
+    from flyte_cornserve.protocol.deployments import executor_key
     from flyte_cornserve.protocol.invocations import InvocationStore
 
     from .batches import FINISHED, BatchStore
@@ -223,7 +224,7 @@ async def _status_tables(url: str, limit: int, batch_limit: int = 10) -> list[An
                       deployment.message[:80] + (f" ({_ago(now - deployment.phase_since)})"  # a start-up phase
                                                  if deployment.phase_since else ""))
         for executor_id in deployment.executors:
-            raw = await client.get(f"cornserve:executor:{executor_id}")
+            raw = await client.get(executor_key(executor_id))
             beat = json.loads(raw) if raw else {}
             executors.add_row(executor_id, deployment.id, str(beat.get("pid", "-")), beat.get("host", "-"),
                               "yes" if raw else "no (starting or gone)")

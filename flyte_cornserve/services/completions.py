@@ -5,7 +5,8 @@ connection per waiting invocation; 128 at once exhaust redis-py's pool. Instead 
 submitted through a `Completions` names its notify stream, to which Redis appends the terminal
 state (see `invocations`), and one reader resolves the waiters' futures. Register the waiter
 (`expect`) before submitting: the stream is read from where it stood when the reader started, so a
-completion that arrives first is not lost.
+completion that arrives first is not lost. The reader trims what it has read, so the stream stays
+short however many invocations its submitter runs.
 """
 
 from __future__ import annotations
@@ -79,5 +80,10 @@ class Completions:
                         future = self._waiting.pop(_text(fields[b"id"]), None)
                         if future is not None and not future.done():
                             future.set_result(State(_text(fields[b"state"])))
+                if reply:  # read: the stream (this reader's alone) keeps only what is still to come
+                    try:
+                        await client.xtrim(self.key, minid=last, approximate=True)
+                    except RedisError:  # trimmed after the next read
+                        pass
         finally:
             await client.aclose()

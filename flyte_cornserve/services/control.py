@@ -3,7 +3,7 @@
 Requests go on one list that the control plane pops; each request names its own reply list, which
 the client blocks on. So clients need nothing but the Redis URL, and the control plane can run in
 the embedded stack's daemon or as a Kubernetes Deployment alike. Deployments are Redis hashes the
-control plane writes and anyone reads (routing, `cornserve status`). JSON only, never pickle.
+control plane writes and anyone reads (routing, `cornserve status`). JSON only, never pickle. Keys as with the default namespace (`flyte_cornserve.namespace`).
 
 | key | type | written by | what |
 |---|---|---|---|
@@ -11,7 +11,7 @@ control plane writes and anyone reads (routing, `cornserve status`). JSON only, 
 | `cornserve:control:reply:<request id>` | list, TTL | control plane | the reply: {ok, error, ...} |
 | `cornserve:control-plane` | string, TTL | control plane | its liveness: {pid, host, started_at, nodes} |
 | `cornserve:deployments` | set | task manager | deployment ids |
-| `cornserve:deployment:<id>` | hash | task manager | the `Deployment` record (message: the start-up phase) |
+| `cornserve:deployment:<id>` | hash (TTL once FAILED) | task manager | the `Deployment` record (message: the start-up phase; a FAILED one's: why, kept `task_manager.FAILED_TTL_S` = 1 h unless undeployed or deployed again) |
 | `cornserve:deployment:<id>:phases` | hash, TTL | executors (`protocol.deployments.PhaseReporter`) | executor id -> its latest phase: {phase, step, at} |
 | `cornserve:deployments:events` | stream | task manager; executors (phase) | {deployment, event, detail}; a `phase` event adds phase, step, executor |
 """
@@ -30,21 +30,33 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from flyte_cornserve.phases import END
-from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_KEY, phases_key
+from flyte_cornserve.namespace import key
+from flyte_cornserve.protocol.deployments import deployment_events_key, phases_key
 from flyte_cornserve.protocol.invocations import MAX_BLOCK_S, _text
 
-REQUESTS_KEY = "cornserve:control:requests"
-CONTROL_PLANE_KEY = "cornserve:control-plane"  # liveness of the control plane: {pid, host, started_at}
-DEPLOYMENTS_KEY = "cornserve:deployments"  # set of deployment ids
 REPLY_TTL_S = 300
 
 
+def requests_key() -> str:
+    return key("control", "requests")
+
+
+def control_plane_key() -> str:
+    """The control plane's liveness: {pid, host, started_at, token, nodes}, with a TTL it refreshes."""
+    return key("control-plane")
+
+
+def deployments_key() -> str:
+    """The set of deployment ids."""
+    return key("deployments")
+
+
 def deployment_key(deployment_id: str) -> str:
-    return f"cornserve:deployment:{deployment_id}"
+    return key("deployment", deployment_id)
 
 
 def reply_key(request_id: str) -> str:
-    return f"cornserve:control:reply:{request_id}"
+    return key("control", "reply", request_id)
 
 
 class ControlPlaneError(RuntimeError):
@@ -123,7 +135,7 @@ async def load_deployment(client: aioredis.Redis, deployment_id: str) -> Deploym
 
 async def list_deployments(client: aioredis.Redis) -> list[Deployment]:
     found = []
-    for deployment_id in sorted(_text(d) for d in await client.smembers(DEPLOYMENTS_KEY)):
+    for deployment_id in sorted(_text(d) for d in await client.smembers(deployments_key())):
         deployment = await load_deployment(client, deployment_id)
         if deployment is not None:
             found.append(deployment)
@@ -217,14 +229,14 @@ class StartFollower:
             follower.view.started_ms = int(current.created_at * 1000)
             follower._last = f"{max(0, int(current.created_at * 1000) - 5000)}-0"
         else:
-            latest = await client.xrevrange(DEPLOYMENT_EVENTS_KEY, count=1)
+            latest = await client.xrevrange(deployment_events_key(), count=1)
             follower._last = _text(latest[0][0]) if latest else "0-0"
         return follower
 
     async def run(self) -> None:
         while not self.view.finished:
             closing = self._closing  # then one last read of what is there, without waiting
-            reply = await self.redis.xread({DEPLOYMENT_EVENTS_KEY: self._last}, block=None if closing else 1000,
+            reply = await self.redis.xread({deployment_events_key(): self._last}, block=None if closing else 1000,
                                            count=1000)
             for _, entries in reply or []:
                 for entry_id, raw in entries:
@@ -258,7 +270,7 @@ async def touch(client: aioredis.Redis, deployment_id: str) -> None:
 
 
 async def control_plane_info(client: aioredis.Redis) -> dict[str, Any] | None:
-    raw = await client.get(CONTROL_PLANE_KEY)
+    raw = await client.get(control_plane_key())
     return json.loads(raw) if raw else None
 
 
@@ -276,7 +288,7 @@ async def request(client: aioredis.Redis, op: str, timeout_s: float,
             "(or leave CORNSERVE_REDIS_URL unset to let `pyflyte run` start the embedded stack)", recoverable=True,
         )
     request_id = uuid.uuid4().hex
-    await client.lpush(REQUESTS_KEY, json.dumps({"id": request_id, "op": op, "args": args}))
+    await client.lpush(requests_key(), json.dumps({"id": request_id, "op": op, "args": args}))
     started = time.monotonic()
     while (waited := time.monotonic() - started) < timeout_s:
         reply = await client.blpop([reply_key(request_id)], timeout=min(MAX_BLOCK_S, timeout_s - waited))

@@ -3,7 +3,10 @@ the batch runner, and serves its Prometheus metrics (`plane_metrics`; advertised
 `control-plane`, see `flyte_cornserve.metrics`).
 
 One control plane serves one Redis (it holds `cornserve:control-plane` with a short TTL while it
-lives; a second one refuses to start). It runs in the embedded stack's daemon (`cornserve up`) or,
+lives; a second one refuses to start). One that finds the key held by another (it was frozen or cut
+off from Redis past the TTL, and a second one started meanwhile) has been replaced: it stops the
+executors and the sidecar it started, leaves Redis to the new one (which restarts what is deployed:
+`TaskManager.recover`), and exits. It runs in the embedded stack's daemon (`cornserve up`) or,
 in production, as its own service; clients reach it only through Redis (`control.request`).
 """
 
@@ -22,11 +25,11 @@ from redis.exceptions import RedisError
 from prometheus_client import CollectorRegistry
 
 from flyte_cornserve import metrics
-from flyte_cornserve.protocol.invocations import MAX_BLOCK_S
+from flyte_cornserve.protocol.invocations import MAX_BLOCK_S, _text
 
 from .backend import ExecutorBackend
 from .batch_runner import DEFAULT_MAX_IN_FLIGHT, BatchRunner
-from .control import CONTROL_PLANE_KEY, REPLY_TTL_S, REQUESTS_KEY, reply_key
+from .control import control_plane_key, REPLY_TTL_S, requests_key, reply_key
 from .plane_metrics import ControlPlaneCollector
 from .resources import ResourceManager
 from .task_manager import TaskManager
@@ -69,31 +72,31 @@ class ControlPlane:
                      "idle_ttl_s": idle_ttl_s, "batch_in_flight": batch_in_flight, "nodes": self.resources.usage(),
                      "sidecars": {node: backend.sidecar_id(node) for node in self.resources.nodes},
                      "executor_log": backend.log_template(), "token": uuid.uuid4().hex}
-        self._superseded = False  # another control plane took the liveness key (during a Redis outage)
+        self._superseded = False  # another control plane took the liveness key (this one was frozen or cut off)
 
     def request_stop(self) -> None:
         self._stopping.set()
 
     async def run(self, on_ready=None) -> None:
         """Serve until `request_stop()` (or a `shutdown` request); then stop every deployment."""
-        if not await self.redis.set(CONTROL_PLANE_KEY, json.dumps(self.info), nx=True, px=int(HEARTBEAT_S * 3000)):
-            other = await self.redis.get(CONTROL_PLANE_KEY)
+        if not await self.redis.set(control_plane_key(), json.dumps(self.info), nx=True, px=int(HEARTBEAT_S * 3000)):
+            other = await self.redis.get(control_plane_key())
             if not (other is not None and _dead_here(other)
-                    and await self.redis.eval(_TAKE_OVER, 1, CONTROL_PLANE_KEY, other, json.dumps(self.info),
+                    and await self.redis.eval(_TAKE_OVER, 1, control_plane_key(), other, json.dumps(self.info),
                                               int(HEARTBEAT_S * 3000))):
                 raise RuntimeError(f"another cornserve control plane already serves this Redis: {other!r}")
             log.warning("took over from a control plane that died on this host: %s", other)
         try:  # what the Redis says was deployed: executors that no longer run are started again
             await self.tasks.recover()
         except BaseException:
-            await self.redis.delete(CONTROL_PLANE_KEY)
+            await self.redis.delete(control_plane_key())
             raise
         registry = CollectorRegistry()
         registry.register(ControlPlaneCollector(self.redis, asyncio.get_running_loop()))
         try:
             self._metrics = metrics.serve(registry, self.metrics_port)
         except BaseException:
-            await self.redis.delete(CONTROL_PLANE_KEY)
+            await self.redis.delete(control_plane_key())
             raise
         self.metrics_port = self._metrics.port
         await self._advertise()
@@ -109,20 +112,23 @@ class ControlPlane:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            if not self._superseded:  # else the deployments, the key and the entry are the other one's
+            if self._superseded:  # the deployments, the key and the entry are the other one's: only our children stop
+                await self.tasks.abandon()
+            else:
                 await self.tasks.stop_all()
             await self.backend.close()
             if not self._superseded:
                 await metrics.withdraw(self.redis, "control-plane")
-                await self.redis.delete(CONTROL_PLANE_KEY)
+                await self.redis.delete(control_plane_key())
             self._metrics.close()
-            log.info("control plane stopped")
+            log.info("control plane stopped" + (" (replaced: the executors and the sidecar it started are stopped)"
+                                                if self._superseded else ""))
 
     async def _serve(self) -> None:
         backoff = 0.0
         while not self._stopping.is_set():
             try:
-                popped = await self.redis.blpop([REQUESTS_KEY], timeout=min(MAX_BLOCK_S, 1.0))
+                popped = await self.redis.blpop([requests_key()], timeout=min(MAX_BLOCK_S, 1.0))
             except RedisError as exc:  # Redis away beyond the client's retries: weather, wait and go on
                 backoff = min(max(2 * backoff, 0.1), 5.0)
                 log.warning("reading control requests failed (%s); retrying in %.1fs", exc, backoff)
@@ -131,6 +137,9 @@ class ControlPlane:
             backoff = 0.0
             if popped is None:
                 continue
+            if not await self._still_ours():  # popped by a replaced control plane: the new one answers it
+                await self.redis.lpush(requests_key(), popped[1])  # back at the head: the next one popped
+                return
             try:
                 request = json.loads(popped[1])
             except json.JSONDecodeError:
@@ -181,28 +190,51 @@ class ControlPlane:
     async def _publish(self) -> None:
         """Refresh the liveness key, with the nodes' current usage, if it is still ours (or gone, as
         after a Redis outage longer than its TTL). Held by another control plane (it started while
-        this one could not reach Redis): this one stops, leaving that one's key and deployments be."""
+        this one was frozen or could not reach Redis): this one stops its children and exits, leaving
+        that one's key and deployments be."""
         if self._superseded:
             return
         self.info["nodes"] = self.resources.usage()
-        other = await self.redis.eval(_REFRESH, 1, CONTROL_PLANE_KEY, json.dumps(self.info), self.info["token"],
+        other = await self.redis.eval(_REFRESH, 1, control_plane_key(), json.dumps(self.info), self.info["token"],
                                       int(HEARTBEAT_S * 3000))
         if other:
-            self._superseded = True
-            log.error("another control plane took over this Redis while it was unreachable (%s); stopping", other)
-            self.request_stop()
+            self._replaced(other)
             return
         await self._advertise()  # again each beat: the entry outlives a Redis restart
+
+    async def _still_ours(self) -> bool:
+        """Whether the liveness key is still this control plane's (or gone, as in a Redis outage);
+        if another holds it, this one was replaced and stops (`_replaced`)."""
+        if self._superseded:
+            return False
+        try:
+            current = await self.redis.get(control_plane_key())
+        except RedisError:
+            return True  # cannot tell: the heartbeat decides once Redis answers
+        if current is not None and self.info["token"] not in _text(current):
+            self._replaced(current)
+        return not self._superseded
+
+    def _replaced(self, other: bytes | str) -> None:
+        if self._superseded:  # the heartbeat and a look found it at once
+            return
+        self._superseded = True
+        log.error("this control plane (pid %d) was replaced: another control plane holds this Redis (%s), which "
+                  "happens when this one was frozen or could not reach Redis for longer than its liveness key's TTL; "
+                  "stopping the executors and the sidecar it started, and exiting", os.getpid(), _text(other))
+        self.request_stop()
 
     async def _advertise(self) -> None:
         if self._metrics is not None:
             await metrics.advertise(self.redis, metrics.endpoint("control-plane", "control-plane", self._metrics,
-                                                                 CONTROL_PLANE_KEY, self._metrics_since))
+                                                                 control_plane_key(), self._metrics_since))
 
     async def _reconcile(self) -> None:
         while not self._stopping.is_set():
             await asyncio.sleep(RECONCILE_S)  # the look's period: liveness and idle TTLs are checked this often
             try:
+                if not await self._still_ours():  # a replaced one changes no deployment
+                    return
                 await self.tasks.reconcile()
             except Exception:
                 log.exception("reconcile failed; trying again next period")

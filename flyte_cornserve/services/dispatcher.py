@@ -158,7 +158,8 @@ class Dispatcher:
         return Submission(invocation_id, deployment_id, target, timeout_s, ended)
 
     async def outcome(self, submission: Submission) -> Record:
-        """Wait for the terminal record; past the deadline, time the invocation out (recoverable).
+        """Wait for the terminal record, and collect it; past the deadline, time the invocation out
+        (recoverable).
 
         A watched submission waits on this dispatcher's shared reader (and every WAIT_SLICE_S looks
         at the record itself); any other on a blocking read of its own events stream."""
@@ -174,11 +175,12 @@ class Dispatcher:
                     except TimeoutError:
                         pass
                     record = await self.store.record(submission.invocation_id)
-                if record.state in TERMINAL:
-                    return record
-                if deadline is not None and time.monotonic() >= deadline:
+                if record.state not in TERMINAL and deadline is not None and time.monotonic() >= deadline:
                     await self.store.time_out(submission.invocation_id, submission.timeout_s or 0.0)
-                    return await self.store.record(submission.invocation_id)
+                    record = await self.store.record(submission.invocation_id)
+                if record.state in TERMINAL:
+                    await self.store.collect(record.id)
+                    return record
         finally:
             self.completions.forget(submission.invocation_id)
 

@@ -17,16 +17,15 @@ import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from flyte_cornserve.protocol.deployments import executor_key
 from flyte_cornserve.protocol.invocations import InvocationStore, _text
 
-from .batches import ACTIVE_KEY, FINISHED, Batch, BatchState, BatchStore
+from .batches import active_key, FINISHED, Batch, BatchState, BatchStore
 from .control import Deployment, DeploymentState, list_deployments
 
 log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT_S = 10.0
-#: an executor's heartbeat key (`flyte_cornserve.executors.runtime.executor_key`; services do not import executors)
-EXECUTOR_KEY = "cornserve:executor:{}"
 SERVING, STARTING = "serving", "starting"
 
 
@@ -46,8 +45,8 @@ async def snapshot(client: aioredis.Redis) -> Snapshot:
     executors = [e for d in deployments for e in d.executors]
     async with client.pipeline(transaction=False) as pipe:
         for executor_id in executors:
-            pipe.exists(EXECUTOR_KEY.format(executor_id))
-        pipe.smembers(ACTIVE_KEY)
+            pipe.exists(executor_key(executor_id))
+        pipe.smembers(active_key())
         *alive, active = await pipe.execute()
     depths = await asyncio.gather(*(store.queue_depth(d.id) for d in deployments))
     batches = BatchStore(client)

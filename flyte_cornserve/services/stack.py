@@ -25,7 +25,7 @@ from flyte_cornserve.home import cornserve_home
 from flyte_cornserve.redis_server import ENV_URL
 
 from .backend import CLI
-from .control import CONTROL_PLANE_KEY
+from .control import control_plane_key
 from .leftovers import stop_leftovers
 
 START_TIMEOUT_S = 120.0
@@ -81,7 +81,7 @@ def current_url() -> str | None:
 
 def control_plane_alive(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=2).exists(CONTROL_PLANE_KEY))
+        return bool(redis.Redis.from_url(url, socket_timeout=2).exists(control_plane_key()))
     except redis.RedisError:
         return False
 

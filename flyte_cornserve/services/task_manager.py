@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from flyte_cornserve.descriptors import descriptor_for
-from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_KEY, DEPLOYMENT_EVENTS_MAXLEN, phases_key
+from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_MAXLEN, deployment_events_key, executor_key, phases_key
 from flyte_cornserve.protocol.invocations import ErrorKind, InvocationStore, State, _text, queue_keys
 from flyte_cornserve.task import UnitTask, unit_task_from_json
 
 from .backend import ExecutorBackend, ExecutorHandle, ExecutorSpec, ExecutorStartError
 from .control import (
-    DEPLOYMENTS_KEY,
+    deployments_key,
     Deployment,
     DeploymentState,
     deployment_key,
@@ -46,6 +46,8 @@ RESTART_WINDOW_S = 300.0
 #: the wait before the n-th restart within the window: RESTART_BACKOFF_S * 2**(n-1), at most RESTART_BACKOFF_MAX_S
 RESTART_BACKOFF_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
+#: seconds a FAILED deployment's record stays (for `cornserve status` to show why), unless undeployed or deployed again
+FAILED_TTL_S = 3600
 
 
 def describe(task: UnitTask) -> str:
@@ -80,6 +82,7 @@ class TaskManager:
         self.resources = resources
         self.idle_ttl_s = idle_ttl_s
         self.deployments: dict[str, ManagedDeployment] = {}
+        self.abandoned = False  # the control plane was replaced: the deployments' records are another's
         #: awaited before each deployment event is published (the control plane refreshes what it shows)
         self.on_change: Callable[[], Awaitable[None]] | None = None
 
@@ -136,6 +139,8 @@ class TaskManager:
             handles = [await self._launch(managed, executor_id) for executor_id in record.executors]
             await asyncio.gather(*(handle.ready() for handle in handles))
         except Exception as exc:
+            if self.abandoned:  # stopped by `abandon()`: the record is the new control plane's
+                return
             message = str(exc) if isinstance(exc, ExecutorStartError) else f"{type(exc).__name__}: {exc}"
             log.error("deployment %s (%s) failed to start: %s", record.id, record.label, message)
             await self._teardown(managed, f"deployment {record.id} ({record.label}) failed to start: {message}",
@@ -234,16 +239,18 @@ class TaskManager:
         class is unknown) is FAILED and its queued invocations fail with the reason. A STOPPING one is
         finished. Executors that still heartbeat are not ours to stop (a backend manages only what it
         started): they are left running and serve the same queues until they exit."""
-        for deployment_id in sorted(_text(d) for d in await self.redis.smembers(DEPLOYMENTS_KEY)):
+        for deployment_id in sorted(_text(d) for d in await self.redis.smembers(deployments_key())):
             if deployment_id in self.deployments:
                 continue
             record = await load_deployment(self.redis, deployment_id)
             if record is None:
-                await self.redis.srem(DEPLOYMENTS_KEY, deployment_id)
+                await self.redis.srem(deployments_key(), deployment_id)
                 continue
             if record.state is DeploymentState.FAILED:
+                if await self.redis.ttl(deployment_key(deployment_id)) == -1:  # written before FAILED ones expired
+                    await self.redis.expire(deployment_key(deployment_id), FAILED_TTL_S)
                 continue
-            alive = [e for e in record.executors if await self.redis.exists(f"cornserve:executor:{e}")]
+            alive = [e for e in record.executors if await self.redis.exists(executor_key(e))]
             if alive:
                 log.warning("deployment %s (%s): executor(s) %s of the previous control plane still heartbeat; "
                             "left running", record.id, record.label, ", ".join(alive))
@@ -266,10 +273,11 @@ class TaskManager:
             asyncio.create_task(self._start(managed))
 
     async def undeploy(self, deployment_id: str, reason: str = "undeployed") -> bool:
-        """Stop the deployment's executors (they finish what they run) and free its resources."""
+        """Stop the deployment's executors (they finish what they run) and free its resources; a
+        FAILED one (nothing runs) just loses its record. False if there is no such deployment."""
         managed = self.deployments.get(deployment_id)
         if managed is None:
-            return False
+            return await self._forget_failed(deployment_id, reason)
         if managed.stopping:
             await asyncio.shield(managed.gone)
             return True
@@ -283,9 +291,22 @@ class TaskManager:
                                       f"this invocation ran", ErrorKind.RECOVERABLE)
         return True
 
+    async def _forget_failed(self, deployment_id: str, reason: str) -> bool:
+        """Drop a FAILED deployment's record (its executors and queues are gone already)."""
+        record = await load_deployment(self.redis, deployment_id)
+        if record is None or record.state is not DeploymentState.FAILED:
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(deployment_key(deployment_id), phases_key(deployment_id))
+            pipe.srem(deployments_key(), deployment_id)
+            await pipe.execute()
+        log.info("removed the FAILED deployment %s (%s): %s", record.id, record.label, reason)
+        await self._event(record, "stopped", reason)
+        return True
+
     async def _teardown(self, managed: ManagedDeployment, error: str, kind: ErrorKind, failed: bool = False) -> None:
-        """Free the resources, drop the record (or with `failed`, leave it FAILED with `error`), and fail
-        what is still queued (nobody will run it)."""
+        """Free the resources, drop the record (or with `failed`, leave it FAILED with `error` for
+        FAILED_TTL_S), and fail what is still queued (nobody will run it)."""
         managed.stopping = True
         record = managed.record
         for executor_id in {*record.executors, *managed.executors}:
@@ -305,10 +326,11 @@ class TaskManager:
                 mapping = record.to_redis()
                 del mapping["last_used"]
                 pipe.hset(deployment_key(record.id), mapping=mapping)
+                pipe.expire(deployment_key(record.id), FAILED_TTL_S)
                 pipe.delete(phases_key(record.id), *queues)
             else:
                 pipe.delete(deployment_key(record.id), phases_key(record.id), *queues)
-                pipe.srem(DEPLOYMENTS_KEY, record.id)
+                pipe.srem(deployments_key(), record.id)
             await pipe.execute()
         await self._event(record, "failed" if failed else "stopped", error)
         if not managed.gone.done():
@@ -317,8 +339,10 @@ class TaskManager:
     # -- the periodic look -------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Keep the sidecar up, note which deployments are busy, stop those idle past the TTL."""
+        """Keep the sidecar up, note which deployments are busy, stop those idle past the TTL, and
+        drop the ids of records that expired (FAILED ones) from the deployments set."""
         now = time.time()
+        await self._prune_expired()
         for managed in list(self.deployments.values()):
             record = managed.record
             if record.state is DeploymentState.DEPLOYING and managed.executors:
@@ -334,6 +358,20 @@ class TaskManager:
             if now - record.last_used > self.idle_ttl_s:
                 asyncio.create_task(self.undeploy(record.id, f"idle for more than {self.idle_ttl_s:g} s"))
 
+    async def _prune_expired(self) -> None:
+        """The deployments set keeps no id whose record expired (a FAILED one after FAILED_TTL_S)."""
+        ids = [_text(d) for d in await self.redis.smembers(deployments_key())]
+        ids = [d for d in ids if d not in self.deployments]  # ours are written as they change
+        if not ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for deployment_id in ids:
+                pipe.exists(deployment_key(deployment_id))
+            present = await pipe.execute()
+        gone = [d for d, there in zip(ids, present) if not there]
+        if gone:
+            await self.redis.srem(deployments_key(), *gone)
+
     async def _show_start_progress(self, managed: ManagedDeployment) -> None:
         """While executors start, the first executor's start-up phase ("loading weights") is the
         deployment's message and `phase_since` when it began (what `cornserve status` shows). The
@@ -346,6 +384,20 @@ class TaskManager:
             await self.redis.hset(deployment_key(record.id), mapping={
                 "message": json.dumps(record.message), "phase_since": json.dumps(record.phase_since)})
 
+    async def abandon(self) -> None:
+        """This control plane was replaced: stop the executors it started (they finish what they run;
+        what is queued stays for the new control plane's executors) and write nothing to Redis (the
+        deployments are the new one's)."""
+        self.abandoned = True
+        for managed in self.deployments.values():
+            managed.stopping = True  # its watchers restart nothing
+        await asyncio.gather(*(self.backend.stop_executor(handle, STOP_GRACE_S) for managed in self.deployments.values()
+                               for handle in list(managed.executors.values())))
+        for managed in self.deployments.values():
+            if not managed.gone.done():
+                managed.gone.set_result(None)
+        self.deployments.clear()
+
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.undeploy(d, "the stack is shutting down") for d in list(self.deployments)))
 
@@ -353,15 +405,17 @@ class TaskManager:
         """Append to the deployments' event stream (what `cornserve status` and tests can follow)."""
         if self.on_change is not None:
             await self.on_change()
-        await self.redis.xadd(DEPLOYMENT_EVENTS_KEY, {"deployment": record.id, "event": event, "detail": detail},
+        await self.redis.xadd(deployment_events_key(), {"deployment": record.id, "event": event, "detail": detail},
                               maxlen=DEPLOYMENT_EVENTS_MAXLEN, approximate=True)
 
     async def _save(self, record: Deployment, with_last_used: bool = False) -> None:
-        """Write the record; `last_used` only at creation, afterwards clients own it (`touch`)."""
+        """Write the record; `last_used` only at creation, afterwards clients own it (`touch`). A
+        deployment that runs does not expire (its record may be an expiring FAILED one's)."""
         mapping = record.to_redis()
         if not with_last_used:
             del mapping["last_used"]
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(deployment_key(record.id), mapping=mapping)
-            pipe.sadd(DEPLOYMENTS_KEY, record.id)
+            pipe.persist(deployment_key(record.id))
+            pipe.sadd(deployments_key(), record.id)
             await pipe.execute()

@@ -15,7 +15,8 @@ import click
 
 from .. import redis_server
 from ..launch import announce_ready
-from .directory import DEFAULT_NAMESPACE, ENV_NAMESPACE, ENV_SIDECAR_ID, Directory, default_sidecar_id
+from ..namespace import DEFAULT_NAMESPACE, ENV_NAMESPACE
+from .directory import ENV_SIDECAR_ID, Directory, default_sidecar_id
 from .errors import SidecarError
 from .server import SidecarConfig, SidecarServer
 from .wire import ENV_TOKEN

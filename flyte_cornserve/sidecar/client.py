@@ -1,17 +1,24 @@
 """What executors use: put a tensor into this node's sidecar, get one from anywhere, release it.
 
     client = SidecarClient()                       # the sidecar of this node
-    ref = client.put(embeddings, consumers=1)      # -> TensorRef, small enough for a Flyte literal
+    ref = client.put(embeddings, pins=1, ttl=600)  # -> TensorRef, small enough for a Flyte literal
     tensor = client.get(ref, timeout=30)           # on any node
-    client.release(ref)
+    client.release(ref)                            # pins 1 -> 0: CACHED, readable until evicted
+    [again] = client.pin_many([ref.id])            # a later reader: its ref, pinned again (None if gone)
+
+A tensor is PINNED while releases are still expected (`pins`) and CACHED once they came: its sidecar
+keeps it for `ttl` seconds, or less when it needs the room for a put (least recently released
+first). A put waits for room only while everything is pinned. A tensor pinned for over `max_pinned`
+seconds is freed anyway (an orphan: its consumer never came).
 
 Only `TensorRef`s travel through Flyte. A consumer that knows the id in advance (`put(..., id=...)`)
 may `get` it before the producer has written it and is woken when it is ready. On the producer's
 node, `get` returns a view of the sidecar's shared memory (no copy); elsewhere, the consumer's own
 sidecar pulls the bytes from the producer's sidecar first, and the view is of that copy.
 
-A view from `get` is valid until you `release` it, and must not be written to: other consumers may
-be reading the same bytes.
+A view from `get` is valid until you `release` it (for that, hold a pin: a CACHED tensor read
+without one may be evicted under the view), and must not be written to: other consumers may be
+reading the same bytes.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from ..task.tensor_ref import TensorRef
 from . import tensors, wire
 from .arena import Arena
 from .connections import ConnectionPool
-from .directory import Directory, Member, TensorEntry, TensorState, default_sidecar_id
+from .directory import Directory, Member, TensorEntry, default_sidecar_id
 from .errors import (
     ProducerSidecarDead,
     SidecarError,
@@ -39,7 +46,8 @@ from .errors import (
     TensorNotReady,
 )
 
-DEFAULT_TTL_S = 600.0
+DEFAULT_TTL_S = 600.0  # how long a CACHED tensor stays, unless its room is needed first
+DEFAULT_MAX_PINNED_S = 24 * 3600.0  # the orphan bound: a consumer that never comes cannot hold memory forever
 DEFAULT_TIMEOUT_S = 60.0
 WAIT_SLICE_S = 1.0  # a get waits for a tensor's publication in blocking Redis calls this long
 IO_TIMEOUT_S = 30.0  # on top of a request's own timeout, for the sidecar's reply
@@ -93,47 +101,51 @@ class SidecarClient:
         self,
         tensor: tensors.TensorLike,
         *,
-        consumers: int = 1,
+        pins: int = 1,
         ttl: float = DEFAULT_TTL_S,
+        max_pinned: float = DEFAULT_MAX_PINNED_S,
         id: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> TensorRef:
         """Copy `tensor` into this node's sidecar and return its ref.
 
-        The memory is freed once `consumers` consumers have released it, or after `ttl` seconds
-        anyway. When the sidecar's memory cap is reached, waits up to `timeout` for room, then
-        raises `MemoryCapExceeded`. `id` (default: a random one) lets consumers `get` before the put.
+        It is PINNED until `pins` releases came (0: CACHED at once), then CACHED for `ttl` seconds
+        (0: evicted at once), or less when its room is needed; if still pinned after `max_pinned`
+        seconds it is freed anyway. When everything in the sidecar is pinned and there is no room,
+        waits up to `timeout`, then raises `MemoryCapExceeded`. `id` (default: a random one) lets
+        consumers `get` before the put.
         """
-        return self.put_many([tensor], consumers=consumers, ttl=ttl, ids=[id], timeout=timeout)[0]
+        return self.put_many([tensor], pins=pins, ttl=ttl, max_pinned=max_pinned, ids=[id], timeout=timeout)[0]
 
     def put_many(
         self,
         many: list[tensors.TensorLike],
         *,
-        consumers: int = 1,
+        pins: int = 1,
         ttl: float = DEFAULT_TTL_S,
+        max_pinned: float = DEFAULT_MAX_PINNED_S,
         ids: list[str | None] | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         trace: list[Transfer] | None = None,
     ) -> list[TensorRef]:
-        """`put` for a batch of tensors (each with the same consumers and TTL): one request to the
+        """`put` for a batch of tensors (each with the same pins, TTL and bound): one request to the
         sidecar and one round trip to Redis per `wire.MAX_ALLOC` tensors, all of them or none.
         `trace` receives one `Transfer` per tensor."""
         began, clock = time.time(), time.perf_counter()
         refs: list[TensorRef] = []
         for start in range(0, len(many), wire.MAX_ALLOC):
             part = many[start:start + wire.MAX_ALLOC]
-            refs += self._put_part(part, consumers, ttl, (ids or [None] * len(many))[start:start + len(part)], timeout)
+            refs += self._put_part(part, pins, ttl, max_pinned, (ids or [None] * len(many))[start:start + len(part)], timeout)
         if trace is not None:
             trace += _transfers("put", refs, ["shared memory"] * len(refs), began, time.perf_counter() - clock)
         return refs
 
-    def _put_part(self, part: list[tensors.TensorLike], consumers: int, ttl: float, ids: list[str | None],
-                  timeout: float) -> list[TensorRef]:
+    def _put_part(self, part: list[tensors.TensorLike], pins: int, ttl: float, max_pinned: float,
+                  ids: list[str | None], timeout: float) -> list[TensorRef]:
         arrays = [tensors.as_array(tensor) for tensor in part]
         refs = [TensorRef(id=given or uuid.uuid4().hex, shape=array.shape, dtype=dtype, nbytes=array.nbytes,
                           location=self.sidecar_id) for (array, dtype), given in zip(arrays, ids)]
-        request = wire.AllocRequest(token=self.token, refs=refs, consumers=consumers, ttl=ttl, timeout=timeout)
+        request = wire.AllocRequest(token=self.token, refs=refs, pins=pins, ttl=ttl, max_pinned=max_pinned, timeout=timeout)
         placements = self._call(request, wire.Placements, timeout).placements
         try:
             entries = []
@@ -143,9 +155,9 @@ class SidecarClient:
                     np.copyto(destination, array, casting="no")
                 entries.append((ref.id, TensorEntry(
                     ref=ref, holder=self.sidecar_id, arena=placement.arena, offset=placement.offset,
-                    state=TensorState.READY, consumers=consumers, expires_at=placement.expires_at,
+                    pins=pins, ttl=ttl, max_pinned=max_pinned,
                 )))  # fmt: skip
-            taken = [ref.id for ref, published in zip(refs, self.directory.publish_many(entries, ttl)) if not published]
+            taken = [ref.id for ref, published in zip(refs, self.directory.publish_many(entries)) if not published]
             if taken:
                 raise SidecarError(f"tensor id {taken[0]!r} is already in use; ids must be unique while their tensors live")
         except BaseException:
@@ -154,11 +166,19 @@ class SidecarClient:
             raise
         return refs
 
+    def pin_many(self, ids: list[str], pins: int = 1) -> list[TensorRef | None]:
+        """For each id whose tensor is in a live sidecar (PINNED or CACHED), add `pins` releases to
+        expect and return its ref; None where it is gone. A pinned tensor is not evicted: `get` it,
+        then `release` it once per pin. One round trip to Redis."""
+        if pins < 1:
+            raise ValueError(f"pins must be at least 1, got {pins}")
+        return self.directory.pin_many(ids, pins)
+
     def get(self, ref: TensorRef | str, *, timeout: float = DEFAULT_TIMEOUT_S) -> torch.Tensor:
         """The tensor behind `ref` (or a bare id), waiting up to `timeout` for it to be written.
 
         Raises `ProducerSidecarDead` as soon as the sidecar holding it stops heartbeating,
-        `TensorNotFound` if it was freed, `TensorNotReady` if it was not written in time.
+        `TensorNotFound` if it is gone (evicted, expired), `TensorNotReady` if it was not written in time.
         """
         deadline = time.monotonic() + timeout
         entry = self._wait_until_ready(ref, deadline, timeout)
@@ -178,7 +198,7 @@ class SidecarClient:
         found = self.directory.lookup_many([(ref.id, ref.location or self.sidecar_id) for ref in refs])
         views, paths = [], []
         for ref, (entry, alive) in zip(refs, found, strict=True):
-            if entry is not None and alive and entry.state is TensorState.READY and entry.holder == self.sidecar_id:
+            if entry is not None and alive and entry.holder == self.sidecar_id:
                 views.append(tensors.tensor_over(self._arena(entry.arena).buffer, entry.offset, entry.ref.shape,
                                                  entry.ref.dtype))
                 paths.append("shared memory")
@@ -191,7 +211,8 @@ class SidecarClient:
         return views
 
     def release(self, ref: TensorRef | str) -> None:
-        """This consumer is done with the tensor: views from `get` must not be used any more."""
+        """Take one pin off the tensor (an extra release does nothing): views from `get` must not be
+        used any more. At no pins left the tensor is CACHED; this node's copy of it goes."""
         self.release_many([ref])
 
     def release_many(self, refs: list[TensorRef | str]) -> None:
@@ -233,13 +254,11 @@ class SidecarClient:
         if entry is not None:
             if not holder_alive:
                 raise ProducerSidecarDead(f"tensor {key!r}: its sidecar {entry.holder!r} stopped heartbeating; the tensor is lost")
-            if entry.state is TensorState.RELEASED:
-                raise TensorNotFound(f"tensor {key!r} was already released by all its consumers")
             return entry
         if isinstance(ref, TensorRef):  # refs exist only after their put: a missing entry is gone for good
             if ref.location and not self.directory.is_alive(ref.location):
                 raise ProducerSidecarDead(f"tensor {key!r}: its sidecar {ref.location!r} is not alive; the tensor is lost")
-            raise TensorNotFound(f"tensor {key!r} is gone: released by all its consumers, expired, or its sidecar restarted")
+            raise TensorNotFound(f"tensor {key!r} is gone: evicted from its sidecar's cache, expired, or its sidecar restarted")
         while True:  # a bare id, not published yet: wait for its publication
             remaining = deadline - time.monotonic()
             if remaining <= 0:

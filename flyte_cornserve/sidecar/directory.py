@@ -6,18 +6,21 @@ Keys, under a namespace (default `cornserve`):
 |---|---|---|
 | `ns:sidecar:<sid>` | hash, TTL = heartbeat TTL | membership: address, host, pid, shm folder, arena, capacity |
 | `ns:held:<sid>` | set | tensor keys the sidecar holds, to clean up after a crash |
-| `ns:released:<sid>` | list | tensor keys whose last consumer released them; the sidecar BLPOPs it |
-| `ns:entry:<key>` | hash, TTL = tensor TTL + grace | the tensor: ref, holder, arena, offset, state, consumers left, expiry |
+| `ns:released:<sid>` | list | tensor keys that became CACHED (pins reached 0); the sidecar BLPOPs it |
+| `ns:discard:<sid>` | list | tensor keys whose put failed; the sidecar BLPOPs it and frees them |
+| `ns:entry:<key>` | hash, TTL = max_pinned + ttl + grace | the tensor: ref, holder, arena, offset, pins, ttl, max_pinned |
 | `ns:ready:<key>` | stream | the entry again, once published; consumers that came early block on it (XREAD) |
 
-A tensor is published only once its bytes are written, so an entry is either ready or released.
-Every change that must be atomic (publish an id, count a release) is one Lua script. Waiting is
-always a blocking Redis call (XREAD BLOCK, BLPOP), never a sleep.
+A tensor is PINNED while `pins` > 0 (releases still expected) and CACHED at 0; both are readable.
+Its holder evicts a CACHED tensor (for room, or at its TTL) and frees a PINNED one only past
+`max_pinned` (an orphan). The Redis TTL of its keys outlives both bounds, so it only cleans up after
+a holder that died. A tensor is published only once its bytes are written. Every change that must
+be atomic (publish, release, pin, evict, forget) is one Lua script. Waiting is always a blocking
+Redis call (XREAD BLOCK, BLPOP), never a sleep.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import re
@@ -26,15 +29,14 @@ import socket
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import namespace as namespaces
 from .. import redis_server
 from ..task.tensor_ref import TensorRef
 from .errors import SidecarError
 
-DEFAULT_NAMESPACE = "cornserve"
-ENV_NAMESPACE = "CORNSERVE_NAMESPACE"
 ENV_SIDECAR_ID = "CORNSERVE_SIDECAR_ID"
 SIDECAR_ID_PATTERN = r"^[A-Za-z0-9-]{1,64}$"  # no "_": it separates the id in arena file names
-REDIS_GRACE_S = 60.0  # Redis expires a tensor's keys this long after its TTL, if its sidecar never did
+REDIS_GRACE_S = 60.0  # Redis expires a tensor's keys this long after its sidecar's own bound, if that sidecar died
 REDIS_TIMEOUT_S = 10.0  # a stuck Redis is an error, not a hang; so blocking calls wait in shorter slices
 
 
@@ -63,11 +65,6 @@ class Member(BaseModel):
     capacity: int
 
 
-class TensorState(str, enum.Enum):
-    READY = "ready"
-    RELEASED = "released"
-
-
 class TensorEntry(BaseModel):
     """A tensor in the directory. A cross-node copy has its own key but the original's `ref`."""
 
@@ -77,9 +74,14 @@ class TensorEntry(BaseModel):
     holder: str = Field(description="sidecar whose arena holds the bytes")
     arena: str
     offset: int = Field(ge=0)
-    state: TensorState
-    consumers: int = Field(description="releases still expected")
-    expires_at: float = Field(description="unix time after which the holder frees it anyway")
+    pins: int = Field(ge=0, description="releases still expected; at 0 the tensor is CACHED")
+    ttl: float = Field(ge=0, description="seconds it stays CACHED before its holder evicts it")
+    max_pinned: float = Field(gt=0, description="seconds after which its holder frees it even if PINNED")
+
+    @property
+    def redis_ttl(self) -> float:
+        """How long Redis keeps its keys: longer than its holder keeps it (the keys outlive a dead holder only)."""
+        return self.max_pinned + self.ttl + REDIS_GRACE_S
 
     def to_fields(self) -> dict[str, str]:
         fields = self.model_dump(mode="json", exclude={"ref"})
@@ -104,23 +106,41 @@ return 1
 
 _PUBLISH = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[3], '*', unpack(ARGV, 3))
+redis.call('XADD', KEYS[3], '*', unpack(ARGV, 4))
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
+if ARGV[3] == '0' then redis.call('RPUSH', KEYS[4], ARGV[1]) end
 return 1
 """
 
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[2] then return -1 end
-if redis.call('HGET', KEYS[1], 'state') == 'released' then return -1 end
-local left = redis.call('HINCRBY', KEYS[1], 'consumers', -1)
-if left <= 0 then
-  redis.call('HSET', KEYS[1], 'state', 'released')
-  redis.call('RPUSH', KEYS[2], ARGV[1])
-end
+if tonumber(redis.call('HGET', KEYS[1], 'pins')) <= 0 then return 0 end
+local left = redis.call('HINCRBY', KEYS[1], 'pins', -1)
+if left == 0 then redis.call('RPUSH', KEYS[2], ARGV[1]) end
 return left
+"""
+
+_PIN = """
+local holder = redis.call('HGET', KEYS[1], 'holder')
+if not holder or redis.call('EXISTS', ARGV[1] .. holder) == 0 then return false end
+redis.call('HINCRBY', KEYS[1], 'pins', ARGV[2])
+local fields = redis.call('HMGET', KEYS[1], 'max_pinned', 'ttl', 'ref')
+local ms = math.floor((tonumber(fields[1]) + tonumber(fields[2]) + tonumber(ARGV[3])) * 1000)
+redis.call('PEXPIRE', KEYS[1], ms)
+redis.call('PEXPIRE', KEYS[2], ms)
+return fields[3]
+"""
+
+_EVICT = """
+if redis.call('HGET', KEYS[1], 'holder') == ARGV[2] and redis.call('HGET', KEYS[1], 'arena') == ARGV[3] then
+  if tonumber(redis.call('HGET', KEYS[1], 'pins')) > 0 then return 0 end
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
 """
 
 _FORGET = """
@@ -135,20 +155,21 @@ return 1
 class Directory:
     """Typed access to the sidecar keys of one namespace."""
 
-    def __init__(self, client: redis.Redis, namespace: str = DEFAULT_NAMESPACE) -> None:
+    def __init__(self, client: redis.Redis, namespace: str | None = None) -> None:
         if not client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("Directory needs a Redis client created with decode_responses=True")
         self.redis = client
-        self.namespace = namespace
+        self.namespace = namespaces.check(namespace) if namespace else namespaces.current()
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
+        self._pin = client.register_script(_PIN)
+        self._evict = client.register_script(_EVICT)
         self._forget = client.register_script(_FORGET)
 
     @classmethod
     def connect(cls, url: str | None = None, namespace: str | None = None) -> Directory:
         """A directory on `url` (default: the project's Redis) and `namespace` (default `$CORNSERVE_NAMESPACE`)."""
-        namespace = namespace or os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE
         client = redis_server.connect(url, decode_responses=True, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
         return cls(client, namespace)
 
@@ -198,17 +219,20 @@ class Directory:
 
     # --- tensors ---------------------------------------------------------------------------------
 
-    def publish(self, key: str, entry: TensorEntry, ttl: float) -> bool:
-        """Enter a written tensor under `key` and wake its waiting consumers; False if the key is taken."""
-        return self.publish_many([(key, entry)], ttl)[0]
+    def publish(self, key: str, entry: TensorEntry) -> bool:
+        """Enter a written tensor under `key` and wake its waiting consumers; False if the key is taken.
 
-    def publish_many(self, entries: list[tuple[str, TensorEntry]], ttl: float) -> list[bool]:
+        A tensor published with no pins is CACHED at once: its holder is told so (`next_change`)."""
+        return self.publish_many([(key, entry)])[0]
+
+    def publish_many(self, entries: list[tuple[str, TensorEntry]]) -> list[bool]:
         """`publish` for many tensors in one round trip; for each, False if its key is taken."""
         pipe = self.redis.pipeline(transaction=False)
         for key, entry in entries:
-            keys = [self._key("entry", key), self._key("held", entry.holder), self._key("ready", key)]
-            self._publish(keys=keys, args=[key, int((ttl + REDIS_GRACE_S) * 1000), *_flatten(entry.to_fields())],
-                          client=pipe)
+            keys = [self._key("entry", key), self._key("held", entry.holder), self._key("ready", key),
+                    self._key("released", entry.holder)]
+            args = [key, int(entry.redis_ttl * 1000), entry.pins, *_flatten(entry.to_fields())]
+            self._publish(keys=keys, args=args, client=pipe)
         return [bool(done) for done in pipe.execute()]
 
     def entry(self, key: str) -> TensorEntry | None:
@@ -242,7 +266,7 @@ class Directory:
         """The tensor's entry as published, waiting up to `timeout` for it; None if it did not come.
 
         The entry comes with the wake-up itself, saving a round trip. It is exact for a consumer
-        that has not released the tensor yet: until then it cannot be freed.
+        that holds a pin on the tensor: until it releases it, the tensor cannot be evicted.
         """
         streams = self.redis.xread({self._key("ready", key): "0-0"}, count=1, block=max(1, int(timeout * 1000)))
         if not streams:
@@ -254,9 +278,9 @@ class Directory:
         return self.redis.hget(self._key("entry", key), "holder")
 
     def release(self, key: str, holder: str) -> int:
-        """Count one consumer done; the last one queues the tensor for its holder to free.
+        """Take one pin off the tensor (never below 0); the last one makes it CACHED and tells its holder.
 
-        Returns the releases still expected, or -1 if the tensor is gone or already released.
+        Returns the pins left, or -1 if the tensor is gone.
         """
         return self.release_many([(key, holder)])[0]
 
@@ -267,30 +291,52 @@ class Directory:
             self._release(keys=[self._key("entry", key), self._key("released", holder)], args=[key, holder], client=pipe)
         return [int(left) for left in pipe.execute()]
 
-    def discard(self, key: str, holder: str) -> None:
-        """Ask the holder to free its own allocation for `key` now, whatever its consumers (a put that
-        failed). An entry that another sidecar (or incarnation) holds under `key` stays: see `forget`."""
-        self.redis.rpush(self._key("released", holder), key)
+    def pin_many(self, keys: list[str], pins: int) -> list[TensorRef | None]:
+        """Add `pins` to each tensor that is in the directory (PINNED or CACHED) on a live holder, and
+        refresh its keys' Redis TTL; its ref, or None where it is not. One round trip, one script per key:
+        a pin and an eviction never interleave, so a pinned tensor is not evicted."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            self._pin(keys=[self._key("entry", key), self._key("ready", key)],
+                      args=[self._key("sidecar", ""), pins, REDIS_GRACE_S], client=pipe)
+        return [TensorRef.model_validate_json(ref) if ref else None for ref in pipe.execute()]
 
-    def next_released(self, sidecar_id: str, timeout: float) -> str | None:
-        """The next tensor key queued for this sidecar to free, waiting up to `timeout`."""
-        item = self.redis.blpop([self._key("released", sidecar_id)], timeout=timeout)
-        return item[1] if item else None
+    def evict(self, key: str, holder: str, arena: str) -> bool:
+        """Remove a CACHED tensor that `holder` evicts from `arena`; False (nothing changed) if it is
+        pinned again. Like `forget`, an entry that is not this holder's stays, and the key always leaves
+        the `held` set; a Redis error leaves the caller's tensor to retry."""
+        keys = [self._key("entry", key), self._key("ready", key), self._key("held", holder)]
+        return bool(self._evict(keys=keys, args=[key, holder, arena]))
+
+    def discard(self, key: str, holder: str) -> None:
+        """Ask the holder to free its own allocation for `key` now, whatever its pins (a put that
+        failed). An entry that another sidecar (or incarnation) holds under `key` stays: see `forget`."""
+        self.redis.rpush(self._key("discard", holder), key)
+
+    def next_change(self, sidecar_id: str, timeout: float) -> tuple[str, str] | None:
+        """The next (what, key) for this sidecar, waiting up to `timeout`: what is "cached" (its last
+        pin was released, or it was put with none) or "discard" (free it now)."""
+        item = self.redis.blpop([self._key("released", sidecar_id), self._key("discard", sidecar_id)], timeout=timeout)
+        if item is None:
+            return None
+        queue, key = item
+        return ("cached" if queue == self._key("released", sidecar_id) else "discard"), key
 
     def forget(self, key: str, holder: str, arena: str) -> None:
-        """Remove a tensor that `holder` frees from its arena `arena`: its entry only if that entry is
-        this holder's (a put of the same id elsewhere never erases the original), and always its key
-        from the holder's `held` set. Idempotent; a Redis error leaves the caller's tensor to retry."""
+        """Remove a tensor that `holder` frees from its arena `arena` whatever its pins: its entry only
+        if that entry is this holder's (a put of the same id elsewhere never erases the original), and
+        always its key from the holder's `held` set. Idempotent; a Redis error leaves the caller's
+        tensor to retry."""
         keys = [self._key("entry", key), self._key("ready", key), self._key("held", holder)]
         self._forget(keys=keys, args=[key, holder, arena])
 
     def forget_all(self, sidecar_id: str) -> int:
-        """Remove every tensor a sidecar holds, and its release queue; returns how many tensors."""
+        """Remove every tensor a sidecar holds, and its queues; returns how many tensors."""
         held = self.redis.smembers(self._key("held", sidecar_id))
         pipe = self.redis.pipeline()
         for key in held:
             pipe.delete(self._key("entry", key), self._key("ready", key))
-        pipe.delete(self._key("held", sidecar_id), self._key("released", sidecar_id))
+        pipe.delete(self._key("held", sidecar_id), self._key("released", sidecar_id), self._key("discard", sidecar_id))
         pipe.execute()
         return len(held)
 

@@ -27,7 +27,7 @@ class AuthenticationError(ProtocolError):
 
 
 class TensorNotFound(SidecarError):
-    """The tensor is not (or no longer) in the directory: released, expired, or its holder restarted."""
+    """The tensor is not (or no longer) in the directory: evicted from the cache, expired, or its holder restarted."""
 
     code = 4
 

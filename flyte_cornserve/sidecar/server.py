@@ -2,20 +2,26 @@
 
 One process per node. It
 - creates the node's arena (see `arena`) and places tensors in it for local producers (`alloc`),
-  waiting while the memory cap is reached (backpressure: woken by frees, never polling);
+  evicting CACHED tensors least-recently-released first when the memory cap is reached, and waiting
+  only when everything left is PINNED (backpressure: woken by frees and new candidates, never polling);
 - serves the bytes of tensors it holds to other sidecars (`read`), and pulls tensors held elsewhere
   into its own arena for local consumers (`fetch`);
-- frees a tensor when its last consumer releases it (a Redis list it blocks on) or when its TTL
-  expires (a timer thread), and heartbeats its membership so consumers can tell it is alive;
+- learns that a tensor became CACHED (its last pin released; a Redis list it blocks on), evicts it
+  at its TTL, frees a PINNED one past `max_pinned` (an orphan) with a warning, and heartbeats its
+  membership so consumers can tell it is alive;
 - on start, removes what a crashed earlier incarnation with the same id left behind;
 - serves Prometheus metrics (`flyte_cornserve.metrics`: tensors, bytes by path, arena, waits for room),
   advertised in Redis under `sidecar:<id>`.
+
+Memory and directory agree: an extent is freed only once Redis confirmed that the tensor's entry is
+gone, and an eviction is one Lua script that refuses a tensor pinned again meanwhile (a cache hit).
+Redis is never called with the lock held.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-
 import dataclasses
 import heapq
 import hmac
@@ -34,7 +40,7 @@ from .. import metrics as prom
 from .allocator import ExtentAllocator
 from .arena import Arena, new_arena_name, remove_stale_arenas
 from .connections import ConnectionPool
-from .directory import Directory, Member, TensorEntry, TensorState, check_sidecar_id
+from .directory import Directory, Member, TensorEntry, check_sidecar_id
 from .errors import (
     AuthenticationError,
     MemoryCapExceeded,
@@ -49,7 +55,7 @@ log = logging.getLogger(__name__)
 
 HANG_UP_DRAIN_S = 0.5  # how long a broken connection's leftover input is drained before closing
 HANG_UP_DRAIN_BYTES = 1 << 20
-FREE_RETRY_S = 1.0  # a free that Redis did not confirm is tried again this much later
+FREE_RETRY_S = 1.0  # a free or eviction that Redis did not confirm is tried again this much later
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +74,17 @@ class SidecarConfig:
 
 @dataclasses.dataclass
 class _Holding:
-    """A tensor in this sidecar's arena."""
+    """A tensor in this sidecar's arena, PINNED (the default) or CACHED (an eviction candidate)."""
 
     offset: int
     nbytes: int
-    expires_at: float
+    size: int  # of its extent
+    ttl: float
+    max_pinned: float
+    due: float = 0.0  # when the expiry loop looks at it: its TTL if CACHED, its orphan bound if PINNED
+    cached: bool = False
+    releases: int = 0  # times it became CACHED: tells an eviction refused for an old pin from a newer release
+    doomed: bool = False  # freed whatever its pins (a failed put, an orphan, shutdown), retried until Redis confirms
     checksum: int | None = None  # computed on the first `read`, then reused
     freeing: bool = False  # its removal from the directory is under way: no longer served
 
@@ -90,8 +102,11 @@ class SidecarServer:
         self._space_freed = threading.Condition(self._lock)
         self._schedule_changed = threading.Condition(self._lock)
         self._holdings: dict[str, _Holding] = {}
-        self._expiries: list[tuple[float, str]] = []  # heap; entries of freed tensors are skipped
+        self._candidates: collections.OrderedDict[str, None] = collections.OrderedDict()  # CACHED, oldest first
+        self._expiries: list[tuple[float, str]] = []  # heap; stale entries (due changed, tensor freed) are skipped
         self._waiting = 0
+        self._waits = 0
+        self._evictions = dict.fromkeys(prom.EVICTION_REASONS, 0)
         self._allocator = ExtentAllocator(config.capacity)
         self._peers: dict[str, ConnectionPool] = {}  # address -> connections to that sidecar
         host, port = self._tcp.server_address[:2]
@@ -200,24 +215,30 @@ class SidecarServer:
 
     def stats(self) -> wire.Stats:
         with self._lock:
+            cached = [holding.size for holding in self._holdings.values() if holding.cached]
             return wire.Stats(
                 sidecar=self.config.sidecar_id,
                 capacity=self._allocator.capacity,
                 used=self._allocator.used,
                 tensors=len(self._holdings),
+                pinned=len(self._holdings) - len(cached),
+                pinned_bytes=self._allocator.used - sum(cached),
+                cached=len(cached),
+                cached_bytes=sum(cached),
                 waiting=self._waiting,
+                waits=self._waits,
+                evictions=dict(self._evictions),
                 high_water=self._allocator.high_water,
             )
 
     def _alloc(self, request: wire.AllocRequest) -> wire.Placements:
         """Room for every tensor of the request, or for none (a failure frees what it had placed)."""
-        expires_at = time.time() + request.ttl
         deadline = time.monotonic() + request.timeout
         placed: list[wire.Placement] = []
         try:
             for ref in request.refs:
-                offset = self._allocate(ref.id, ref.nbytes, expires_at, max(0.0, deadline - time.monotonic()))
-                placed.append(wire.Placement(key=ref.id, arena=self.arena.name, offset=offset, expires_at=expires_at))
+                offset = self._allocate(ref.id, ref.nbytes, request.ttl, request.max_pinned, max(0.0, deadline - time.monotonic()))
+                placed.append(wire.Placement(key=ref.id, arena=self.arena.name, offset=offset))
         except BaseException:
             for placement in placed:
                 self._free(placement.key)
@@ -227,24 +248,25 @@ class SidecarServer:
 
     def _fetch(self, request: wire.FetchRequest) -> wire.Placement:
         entry = self.directory.entry(request.id)
-        if entry is None or entry.state is not TensorState.READY:
-            raise TensorNotFound(f"tensor {request.id!r} is not in the directory, or already released")
+        if entry is None:
+            raise TensorNotFound(f"tensor {request.id!r} is gone: evicted from its sidecar's cache, expired, or its sidecar restarted")
         if entry.holder == self.config.sidecar_id:
             raise SidecarError(f"tensor {request.id!r} is held by this sidecar; map it instead of fetching it")
         holder = self.directory.member(entry.holder)
         if holder is None:
             raise ProducerSidecarDead(f"tensor {request.id!r}: its sidecar {entry.holder!r} is not alive; the tensor is lost")
         key = f"{request.id}.copy.{secrets.token_hex(6)}"
-        offset = self._allocate(key, entry.ref.nbytes, entry.expires_at, request.timeout)
+        offset = self._allocate(key, entry.ref.nbytes, 0.0, entry.max_pinned, request.timeout)  # goes when its reader releases it
         try:
             self._pull(holder, entry, self.arena.view(offset, entry.ref.nbytes))
-            copy = entry.model_copy(update={"holder": self.config.sidecar_id, "arena": self.arena.name, "offset": offset, "consumers": 1})
-            self.directory.publish(key, copy, max(0.0, entry.expires_at - time.time()))
+            copy = entry.model_copy(update={"holder": self.config.sidecar_id, "arena": self.arena.name, "offset": offset,
+                                            "pins": 1, "ttl": 0.0})
+            self.directory.publish(key, copy)
         except BaseException:
             self._free(key)
             raise
         self.metrics.bytes[prom.TCP_FETCHED].inc(entry.ref.nbytes)
-        return wire.Placement(key=key, arena=self.arena.name, offset=offset, expires_at=entry.expires_at)
+        return wire.Placement(key=key, arena=self.arena.name, offset=offset)
 
     def _pull(self, holder: Member, entry: TensorEntry, into: memoryview) -> None:
         """Stream a tensor from the sidecar that holds it straight into `into`, validating everything."""
@@ -272,12 +294,17 @@ class SidecarServer:
 
     def _serve_read(self, sock: socket.socket, request: wire.ReadRequest) -> None:
         entry = self.directory.entry(request.id)
+        deadline = time.monotonic() + self.config.io_timeout
         with self._lock:
             holding = self._holdings.get(request.id)
-            if holding is not None and holding.freeing:
+            # An eviction under way is refused if the reader holds a pin: wait for Redis's answer.
+            while holding is not None and holding.freeing and not holding.doomed and time.monotonic() < deadline:
+                self._space_freed.wait(deadline - time.monotonic())
+                holding = self._holdings.get(request.id)
+            if holding is not None and (holding.freeing or holding.doomed):
                 holding = None
-        if entry is None or holding is None or entry.holder != self.config.sidecar_id or entry.state is not TensorState.READY:
-            raise TensorNotFound(f"sidecar {self.config.sidecar_id!r} holds no ready tensor {request.id!r}")
+        if entry is None or holding is None or entry.holder != self.config.sidecar_id or entry.offset != holding.offset:
+            raise TensorNotFound(f"sidecar {self.config.sidecar_id!r} holds no tensor {request.id!r} (evicted, expired, or never put here)")
         payload = self.arena.view(holding.offset, holding.nbytes)
         if holding.checksum is None:
             holding.checksum = wire.checksum(payload)
@@ -288,34 +315,45 @@ class SidecarServer:
 
     # --- memory ----------------------------------------------------------------------------------
 
-    def _allocate(self, key: str, nbytes: int, expires_at: float, timeout: float) -> int:
-        """Place `nbytes` in the arena, waiting up to `timeout` for frees when the cap is reached."""
+    def _allocate(self, key: str, nbytes: int, ttl: float, max_pinned: float, timeout: float) -> int:
+        """Place `nbytes` in the arena (a PINNED tensor): when the cap is reached, evict CACHED tensors
+        oldest first until it fits, and only when none is left wait up to `timeout` for room."""
         size = self._allocator.size_for(nbytes)
         if size > self._allocator.capacity:
             raise MemoryCapExceeded(f"a tensor of {nbytes} bytes can never fit under sidecar {self.config.sidecar_id!r}'s memory cap of {self._allocator.capacity} bytes")
         deadline = time.monotonic() + timeout
-        with self._lock:
-            if key in self._holdings:
-                raise SidecarError(f"tensor id {key!r} is already in use; ids must be unique while their tensors live")
-            self._waiting += 1
-            waited_since: float | None = None
-            try:
-                while (offset := self._allocator.allocate(nbytes)) is None:
-                    waited_since = waited_since or time.monotonic()
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise MemoryCapExceeded(
-                            f"sidecar {self.config.sidecar_id!r}: no room for {nbytes} bytes within {timeout:.3g} s; "
-                            f"{self._allocator.used} of {self._allocator.capacity} bytes in use, largest free extent {self._allocator.largest_free}"
-                        )
-                    self._space_freed.wait(remaining)
-            finally:
-                self._waiting -= 1
-                if waited_since is not None:
-                    self.metrics.waits.inc()
-                    self.metrics.wait_seconds.inc(time.monotonic() - waited_since)
-            self._holdings[key] = holding = _Holding(offset, nbytes, expires_at)
-            self._schedule_locked(key, holding, expires_at)
+        waited_since: float | None = None
+        try:
+            while True:
+                with self._lock:
+                    if key in self._holdings:
+                        raise SidecarError(f"tensor id {key!r} is already in use; ids must be unique while their tensors live")
+                    offset = self._allocator.allocate(nbytes)
+                    if offset is not None:
+                        self._holdings[key] = holding = _Holding(offset, nbytes, size, ttl, max_pinned)
+                        self._schedule_locked(key, holding, time.time() + max_pinned)
+                        break
+                    victim = self._oldest_candidate_locked()
+                    if victim is None:  # everything is pinned (or being freed): wait for a free or a new candidate
+                        if waited_since is None:
+                            waited_since = time.monotonic()
+                            self._waiting += 1
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise MemoryCapExceeded(
+                                f"sidecar {self.config.sidecar_id!r}: no room for {nbytes} bytes within {timeout:.3g} s; "
+                                f"{self._allocator.used} of {self._allocator.capacity} bytes in use and pinned, largest free extent {self._allocator.largest_free}"
+                            )
+                        self._space_freed.wait(remaining)
+                        continue
+                self._evict(victim, "lru")  # outside the lock: a Redis call
+        finally:
+            if waited_since is not None:
+                with self._lock:
+                    self._waiting -= 1
+                    self._waits += 1
+                self.metrics.waits.inc()
+                self.metrics.wait_seconds.inc(time.monotonic() - waited_since)
         try:
             self.arena.back(offset + size)
         except OSError as e:
@@ -324,15 +362,76 @@ class SidecarServer:
         self.metrics.allocated.inc()
         return offset
 
+    def _oldest_candidate_locked(self) -> str | None:
+        """The least recently released CACHED tensor that is not being freed; drops stale candidates."""
+        while self._candidates:
+            key = next(iter(self._candidates))
+            holding = self._holdings.get(key)
+            if holding is not None and holding.cached and not holding.freeing and not holding.doomed:
+                return key
+            del self._candidates[key]  # an eviction or free under way puts it back if it fails
+        return None
+
     def _schedule_locked(self, key: str, holding: _Holding, at: float) -> None:
-        """(Re)schedule the expiry of `holding` at `at`; earlier heap entries of it are then skipped."""
-        holding.expires_at = at
+        """(Re)schedule when the expiry loop looks at `holding`; earlier heap entries of it are then skipped."""
+        holding.due = at
         if not self._expiries or at < self._expiries[0][0]:
             self._schedule_changed.notify()
         heapq.heappush(self._expiries, (at, key))
 
+    def _became_cached(self, key: str) -> None:
+        """Its last pin was released (or it was put with none): an eviction candidate, newest, due at its TTL."""
+        with self._lock:
+            holding = self._holdings.get(key)
+            if holding is None or holding.doomed:
+                return
+            holding.cached = True
+            holding.releases += 1
+            self._candidates[key] = None
+            self._candidates.move_to_end(key)
+            self._schedule_locked(key, holding, time.time() + holding.ttl)
+            self._space_freed.notify_all()  # a waiting put may evict it
+
+    def _evict(self, key: str, reason: str, due: float | None = None) -> None:
+        """Evict a CACHED tensor (only if still due at `due`, when given), if Redis agrees that it is
+        still unpinned; else it is PINNED again (a hit), due at its orphan bound. A Redis error leaves
+        it a candidate, retried, and is raised."""
+        with self._lock:
+            holding = self._holdings.get(key)
+            if holding is None or holding.freeing or holding.doomed or not holding.cached or (due is not None and holding.due != due):
+                return
+            holding.freeing = True
+            self._candidates.pop(key, None)
+            releases = holding.releases
+        try:
+            evicted = self.directory.evict(key, self.config.sidecar_id, self.member.arena)
+        except redis.RedisError:
+            with self._lock:
+                holding.freeing = False
+                self._candidates[key] = None
+                self._candidates.move_to_end(key, last=False)  # still the oldest
+                self._schedule_locked(key, holding, max(holding.due, time.time() + FREE_RETRY_S))
+                self._space_freed.notify_all()
+            raise
+        with self._lock:
+            if evicted:
+                self._evictions[reason] += 1
+                self._remove_locked(key, holding)
+            else:
+                holding.freeing = False
+                if holding.doomed:  # a forced free came meanwhile: the expiry loop does it now
+                    self._schedule_locked(key, holding, time.time())
+                elif holding.releases == releases:  # pinned again, not released since
+                    holding.cached = False
+                    self._schedule_locked(key, holding, time.time() + holding.max_pinned)
+                # else: released again meanwhile; `_became_cached` made it a candidate again
+                self._space_freed.notify_all()  # a read waiting for this eviction's outcome serves it
+        if evicted:
+            self.metrics.evictions[reason].inc()
+
     def _free(self, key: str) -> None:
-        """Free a tensor: first remove it from the directory, so nobody finds it, then its extent.
+        """Free a tensor whatever its pins: first remove it from the directory, so nobody finds it,
+        then its extent.
 
         The extent is freed, and the tensor forgotten here, only once Redis has confirmed the removal:
         on a Redis error the tensor stays (Redis may still point at it) and the free is retried
@@ -340,9 +439,13 @@ class SidecarServer:
         """
         with self._lock:
             holding = self._holdings.get(key)
-            if holding is None or holding.freeing:
-                return  # gone, or another thread is freeing it (and retries if that fails)
+            if holding is None:
+                return
+            holding.doomed = True
+            if holding.freeing:
+                return  # another thread is removing it; if that fails or is refused, it retries this free
             holding.freeing = True
+            self._candidates.pop(key, None)
         try:
             self.directory.forget(key, self.config.sidecar_id, self.member.arena)
         except redis.RedisError as e:
@@ -352,9 +455,14 @@ class SidecarServer:
                 self._schedule_locked(key, holding, time.time() + FREE_RETRY_S)
             return
         with self._lock:
-            del self._holdings[key]
-            self._allocator.free(holding.offset)
-            self._space_freed.notify_all()
+            self._remove_locked(key, holding)
+
+    def _remove_locked(self, key: str, holding: _Holding) -> None:
+        """Forget a tensor whose removal Redis confirmed, and give its extent back."""
+        del self._holdings[key]
+        self._candidates.pop(key, None)
+        self._allocator.free(holding.offset)
+        self._space_freed.notify_all()
 
     # --- background loops ------------------------------------------------------------------------
 
@@ -373,29 +481,51 @@ class SidecarServer:
         prom.advertise_sync(self.directory.redis, where, self.directory.metrics_key)
 
     def _release_loop(self) -> None:
-        """Free each tensor whose last consumer released it."""
+        """Make each tensor whose last pin was released a cache candidate; free each discarded one."""
         while not self._stopping.is_set():
-            key = self.directory.next_released(self.config.sidecar_id, timeout=1.0)
-            if key is not None:
+            change = self.directory.next_change(self.config.sidecar_id, timeout=1.0)
+            if change is None:
+                continue
+            what, key = change
+            if what == "cached":
+                self._became_cached(key)
+            else:
                 self._free(key)
 
     def _expiry_loop(self) -> None:
-        """Free tensors whose TTL passed before all their consumers released them (orphans), and
-        retry frees that Redis did not confirm."""
+        """Evict CACHED tensors at their TTL, free PINNED ones past their orphan bound, and retry
+        removals that Redis did not confirm."""
         while not self._stopping.is_set():
             with self._lock:
-                due: list[str] = []
+                due: list[tuple[str, float]] = []
                 now = time.time()
                 while self._expiries and self._expiries[0][0] <= now:
-                    expires_at, key = heapq.heappop(self._expiries)
+                    at, key = heapq.heappop(self._expiries)
                     holding = self._holdings.get(key)
-                    if holding is not None and holding.expires_at == expires_at:
-                        due.append(key)
+                    if holding is not None and holding.due == at and not holding.freeing:
+                        due.append((key, at))
                 if not due:
                     self._schedule_changed.wait(self._expiries[0][0] - now if self._expiries else None)
-            for key in due:  # orphans, and frees that Redis did not confirm (retried)
-                log.info("tensor %s is due (its TTL passed, or its free is retried); freeing it", key)
-                self._free(key)
+            for key, at in due:
+                with self._lock:  # look again: a release or a refused eviction may have rescheduled it since
+                    holding = self._holdings.get(key)
+                    if holding is None or holding.due != at or holding.freeing:
+                        continue
+                    orphan = not holding.doomed and not holding.cached
+                    if orphan:
+                        holding.doomed = True
+                        self._evictions["orphan"] += 1
+                if orphan:
+                    log.warning("tensor %s was pinned for over %g s (max_pinned) and never released; freeing it as an orphan",
+                                key, holding.max_pinned)
+                    self.metrics.evictions["orphan"].inc()
+                if holding.doomed:
+                    self._free(key)  # an orphan, or a retry
+                    continue
+                try:
+                    self._evict(key, "ttl", due=at)
+                except redis.RedisError as e:
+                    log.warning("tensor %s: Redis did not confirm its eviction (%r); retrying in %g s", key, e, FREE_RETRY_S)
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):

@@ -26,7 +26,7 @@ from .errors import ProtocolError, SidecarError, error_from_code
 MAGIC_REQUEST = b"CSRQ"
 MAGIC_REPLY = b"CSRP"
 MAGIC_TENSOR = b"CSTN"
-VERSION = 2  # 2: `alloc` reserves room for a list of tensors (one round trip for a batch)
+VERSION = 3  # 2: `alloc` reserves room for a list of tensors; 3: `alloc` carries pins, ttl and max_pinned
 ENV_TOKEN = "CORNSERVE_SIDECAR_TOKEN"  # the optional shared secret of all sidecars and their clients
 MAX_BODY = 64 * 1024
 MAX_NDIM = 32
@@ -77,12 +77,14 @@ MAX_ALLOC = 128
 
 class AllocRequest(_Request):
     """Client to its sidecar: reserve room for these tensors (the client then writes and publishes
-    them); all of them or none."""
+    them); all of them or none. `pins`: releases expected before they become CACHED; `ttl`: seconds
+    they stay CACHED; `max_pinned`: seconds after which they are freed even if still PINNED."""
 
     op: Literal["alloc"] = "alloc"
     refs: list[TensorRef] = Field(min_length=1, max_length=MAX_ALLOC)
-    consumers: int = Field(ge=1)
-    ttl: float = Field(gt=0)
+    pins: int = Field(ge=0)
+    ttl: float = Field(ge=0, allow_inf_nan=False)
+    max_pinned: float = Field(gt=0, allow_inf_nan=False)
     timeout: float = Field(ge=0)
 
 
@@ -105,12 +107,11 @@ _REQUEST = TypeAdapter(Request)
 
 
 class Placement(_Message):
-    """Where in a sidecar's arena a tensor's bytes are, under which directory key, until when."""
+    """Where in a sidecar's arena a tensor's bytes are, under which directory key."""
 
     key: str
     arena: str
     offset: int = Field(ge=0)
-    expires_at: float
 
 
 class Placements(_Message):
@@ -120,13 +121,20 @@ class Placements(_Message):
 
 
 class Stats(_Message):
-    """A sidecar's memory use, in bytes, and how many puts wait for room."""
+    """A sidecar's memory use, in bytes (extents, page-aligned), its tensors by state, how many
+    puts wait for room now and how many ever waited, and its evictions by reason (lru, ttl, orphan)."""
 
     sidecar: str
     capacity: int
     used: int
     tensors: int
+    pinned: int
+    pinned_bytes: int
+    cached: int
+    cached_bytes: int
     waiting: int
+    waits: int
+    evictions: dict[str, int]
     high_water: int
 
 

@@ -18,8 +18,9 @@ import redis
 from flyte_cornserve import redis_server
 from flyte_cornserve.launch import LaunchError, ReadyFile, start
 from flyte_cornserve.models import resolve_model
-from flyte_cornserve.protocol.invocations import events_key, invocation_key, queue_key
-from flyte_cornserve.sidecar.directory import ENV_NAMESPACE, ENV_SIDECAR_ID
+from flyte_cornserve.protocol.invocations import InvocationStore, Priority, Record, events_key, invocation_key, queue_key
+from flyte_cornserve.namespace import ENV_NAMESPACE
+from flyte_cornserve.sidecar.directory import ENV_SIDECAR_ID
 from flyte_cornserve.task import UnitTask
 from tests.processes import Sidecars
 
@@ -91,13 +92,28 @@ def tiny_llava() -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def executors(redis_url: str, module_sidecar, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Executors]:
-    started = Executors(redis_url, module_sidecar.id, module_sidecar.namespace, tmp_path_factory.mktemp("executors"))
-    yield started
-    started.close()
+    """The executors and this test process share the sidecar's namespace: every key (queues, records) is in it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_NAMESPACE, module_sidecar.namespace)
+        started = Executors(redis_url, module_sidecar.id, module_sidecar.namespace, tmp_path_factory.mktemp("executors"))
+        yield started
+        started.close()
 
 
 def run(coroutine):
     return asyncio.run(coroutine)
+
+
+async def one_batch(store: InvocationStore, deployment_id: str, items: list[dict], timeout_s: float = 120) -> Record:
+    """`items` as one batch invocation, as the batch runner sends them (the executor hands them to
+    one `handle()` call); its record once it ended."""
+    await store.ensure_queue(deployment_id)
+    invocation_id = uuid.uuid4().hex
+    async with store.redis.pipeline(transaction=True) as pipe:
+        store.queue_submission(pipe, deployment_id, invocation_id, items=items, timeout_s=timeout_s,
+                               priority=Priority.BATCH)
+        await pipe.execute()
+    return await store.wait(invocation_id, timeout_s)
 
 
 @dataclasses.dataclass

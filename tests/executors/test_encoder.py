@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import socket
-import uuid
 
 import numpy as np
 import pytest
@@ -18,13 +17,13 @@ import torch
 from PIL import Image
 
 from cornserve_builtins.encoder import EncoderTask
-from flyte_cornserve.executors.runtime import executor_key
+from flyte_cornserve.protocol.deployments import executor_key
 from flyte_cornserve.models.tiny import draw
-from flyte_cornserve.protocol.invocations import ErrorKind, InvocationStore, Priority, State, queue_key
+from flyte_cornserve.protocol.invocations import ErrorKind, InvocationStore, State, queue_key
 from flyte_cornserve.task import TensorRef
 
 from ..scrape import eventually, scrape, series
-from .conftest import run
+from .conftest import one_batch, run
 
 TASK = EncoderTask(model_id="tiny-llava")
 
@@ -109,17 +108,7 @@ def test_an_image_the_processor_cannot_take_fails_alone_in_its_batch(encoder, re
     goods = [{"data": data_url(draw(c, "circle", "white", random.Random(3)))} for c in ("red", "blue", "green")]
     items = [goods[0], {"data": str(huge)}, goods[1], goods[2]]
 
-    async def scenario():
-        store = InvocationStore(aioredis.Redis.from_url(redis_url))
-        await store.ensure_queue(TASK.deployment_id())
-        invocation_id = uuid.uuid4().hex
-        async with store.redis.pipeline(transaction=True) as pipe:  # one batch invocation, as the batch runner sends
-            store.queue_submission(pipe, TASK.deployment_id(), invocation_id, items=items, timeout_s=120,
-                                   priority=Priority.BATCH)
-            await pipe.execute()
-        return await store.wait(invocation_id, 120)
-
-    record = run(scenario())
+    record = run(one_batch(InvocationStore(aioredis.Redis.from_url(redis_url)), TASK.deployment_id(), items))
     assert record.state == State.DONE, record.error
     outcomes = record.item_outcomes()
     assert [o.state for o in outcomes] == [State.DONE, State.ERROR, State.DONE, State.DONE], [o.error for o in outcomes]

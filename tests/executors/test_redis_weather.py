@@ -17,7 +17,10 @@ import redis.asyncio as aioredis
 
 from cornserve_builtins.encoder import EncoderTask
 from flyte_cornserve.models.tiny import draw
-from flyte_cornserve.protocol.invocations import GROUP, InvocationStore, Priority, State, events_key, queue_key
+from flyte_cornserve.namespace import ENV_NAMESPACE
+from flyte_cornserve.protocol.invocations import (
+    GROUP, InvocationStore, Priority, State, events_key, invocation_key, queue_key,
+)
 from flyte_cornserve.redis_server import connect_async
 
 from ..processes import Sidecars
@@ -110,10 +113,11 @@ def test_two_survivors_take_a_dead_executors_entries_over_exactly_once(executors
 
 
 @pytest.fixture
-def weather() -> Iterator[tuple[RestartableRedis, Executors]]:
-    """Its own Redis (restartable), sidecar and executor pool."""
+def weather(monkeypatch) -> Iterator[tuple[RestartableRedis, Executors]]:
+    """Its own Redis (restartable), sidecar and executor pool, all in one namespace with this process."""
     server = RestartableRedis()
     pool = Sidecars(server.url, f"test-{uuid.uuid4().hex[:10]}")
+    monkeypatch.setenv(ENV_NAMESPACE, pool.namespace)
     sidecar = pool.start(memory_cap="256MiB", heartbeat_ttl=3.0)
     started = Executors(server.url, sidecar.id, pool.namespace, server.directory)
     try:
@@ -141,7 +145,7 @@ def test_invocations_in_flight_through_a_redis_restart_all_end_done_once(weather
         return ids
 
     ids = run(submit())
-    unfinished = sum(sync.hget(f"cornserve:invocation:{i}", "state") != b"DONE" for i in ids)
+    unfinished = sum(sync.hget(invocation_key(i), "state") != b"DONE" for i in ids)
     server.restart()  # mid-stream: the executor is reading, running and storing
     assert unfinished, "every invocation ended before the restart: it was not mid-stream"
 

@@ -17,7 +17,7 @@ from flyte_cornserve.models.tiny import COLORS, PROMPT, SHAPES, draw, llava_prom
 from flyte_cornserve.protocol.invocations import MAX_BLOCK_S, ErrorKind, InvocationStore, State, events_key, queue_key
 
 from ..scrape import scrape, series
-from .conftest import run
+from .conftest import one_batch, run
 from .test_encoder import data_url, free_port
 
 ENCODER = EncoderTask(model_id="tiny-llava")
@@ -185,10 +185,11 @@ def test_an_invocation_ended_while_generating_is_aborted_and_the_engine_keeps_se
     assert llm.alive()
 
 
-def test_an_embedding_outlives_a_recoverable_failure_so_the_retry_reads_it(services, redis_url):
+def test_an_embedding_outlives_a_recoverable_failure_so_the_retry_reads_it(services, sidecar_client, redis_url):
     """Regression: the executor released an invocation's embeddings whatever its outcome, so the retry
     of an LLM call that timed out found its embedding gone (TensorNotFound). A recoverable failure
-    now leaves them; the outcome that is final (the text) releases them."""
+    now leaves its pin; the outcome that is final (the text) releases it, and the embedding stays
+    readable as cache (CACHED, no pins)."""
     rng = random.Random(5)
 
     async def scenario():
@@ -202,13 +203,14 @@ def test_an_embedding_outlives_a_recoverable_failure_so_the_retry_reads_it(servi
         assert await store.time_out(first, 1)  # the first attempt fails, recoverably, while generating
         retry = await store.wait(await store.submit(LLM.deployment_id(), llm_payload(PROMPT, embeddings)), 120)
         again = await store.wait(await store.submit(LLM.deployment_id(), llm_payload(PROMPT, embeddings)), 120)
-        return await store.record(first), retry, again
+        return await store.record(first), retry, again, embeddings[0]["id"]
 
-    first, retry, again = run(scenario())
+    first, retry, again, embedding = run(scenario())
     assert first.state == State.ERROR and first.error_kind == ErrorKind.RECOVERABLE
     assert retry.state == State.DONE and retry.output["text"], retry.error
-    # the retry's outcome was final: it released the embedding, which is now gone
-    assert again.state == State.ERROR and "embedding not available" in again.error
+    # the retry's outcome was final: it released the embedding's one pin, which leaves it as cache
+    assert sidecar_client.directory.entry(embedding).pins == 0
+    assert again.state == State.DONE and again.output["text"] == retry.output["text"], again.error
 
 
 def test_interactive_work_is_served_before_queued_batch_work(services, redis_url):
@@ -247,35 +249,23 @@ def test_interactive_work_is_served_before_queued_batch_work(services, redis_url
     assert done.created_at > last.created_at and done.started_at < last.started_at
 
 
-async def run_as_one_batch(store: InvocationStore, items: list[dict]):
-    """`items` as the items of one batch invocation: the executor hands them to one `handle()` call."""
-    from flyte_cornserve.protocol.invocations import Priority
-
-    await store.ensure_queue(LLM.deployment_id())
-    invocation_id = f"batch-{random.getrandbits(64):x}"
-    async with store.redis.pipeline(transaction=True) as pipe:
-        store.queue_submission(pipe, LLM.deployment_id(), invocation_id, items=items, priority=Priority.BATCH)
-        await pipe.execute()
-    return await store.wait(invocation_id, 120)
-
-
 def embedding_ref(sidecar_client, rows: int, claimed_rows: int = 16) -> dict:
     """A random embedding put into the module's sidecar: `rows` rows of the model's 64, its ref
     claiming `claimed_rows` (what the executor checks before it fetches)."""
-    ref = sidecar_client.put(torch.randn(rows, 64), consumers=1)
+    ref = sidecar_client.put(torch.randn(rows, 64), pins=1)
     return {**ref.model_dump(mode="json"), "shape": [claimed_rows, 64], "nbytes": claimed_rows * 64 * 4}
 
 
 def test_an_item_whose_embedding_is_gone_fails_alone(services, sidecar_client, redis_url):
-    """One item of a batch references a tensor that was released; the batch's other items (text
-    only, and one with an embedding that is there) are generated, that one is a recoverable error."""
-    gone = embedding_ref(sidecar_client, 16)
-    sidecar_client.release(gone["id"])
+    """One item of a batch references a tensor that is gone (evicted, or its sidecar restarted); the
+    batch's other items (text only, and one with an embedding that is there) are generated, that one
+    is a recoverable error."""
     there = embedding_ref(sidecar_client, 16)
+    gone = {**embedding_ref(sidecar_client, 16), "id": f"gone-{random.getrandbits(64):x}"}  # never put
     items = [generating("One.", 4), {**llm_payload(PROMPT, [gone]), "sampling": {"max_tokens": 4}},
              {**llm_payload(PROMPT, [there]), "sampling": {"max_tokens": 4}}, generating("Two.", 4)]
 
-    record = run(run_as_one_batch(InvocationStore(aioredis.Redis.from_url(redis_url)), items))
+    record = run(one_batch(InvocationStore(aioredis.Redis.from_url(redis_url)), LLM.deployment_id(), items))
     assert record.state == State.DONE, record.error
     outcomes = record.output["items"]
     assert [("output" in o) for o in outcomes] == [True, False, True, True], outcomes
@@ -293,7 +283,7 @@ def test_an_item_whose_generation_raises_fails_alone_and_the_engine_keeps_servin
 
     async def scenario():
         store = InvocationStore(aioredis.Redis.from_url(redis_url))
-        record = await run_as_one_batch(store, items)
+        record = await one_batch(store, LLM.deployment_id(), items)
         after = await store.wait(await store.submit(LLM.deployment_id(), generating("After.", 4)), 120)
         return record, after
 

@@ -27,9 +27,9 @@ from cornserve_builtins.encoder import EncoderInput, EncoderTask
 from cornserve_builtins.llm import LLMInput, LLMTask, SamplingParams
 from flyte_cornserve.flyte import batch
 from flyte_cornserve.models.tiny import COLORS, PROMPT, SHAPES, draw
-from flyte_cornserve.protocol.invocations import RECENT_KEY, InvocationStore, Priority
+from flyte_cornserve.protocol.invocations import recent_key, InvocationStore, Priority
 from flyte_cornserve.redis_server import ENV_URL
-from flyte_cornserve.services.batches import BATCHES_KEY
+from flyte_cornserve.services.batches import batches_key
 from flyte_cornserve.task import Task, TaskIO
 from workflows.vlm import caption, captioner, chat
 
@@ -230,9 +230,9 @@ def test_a_cached_rerun_submits_nothing_and_a_changed_row_recomputes_its_chunk(u
 
     def run() -> tuple[list[dict], int, int]:
         client = use_module_stack.sync_client()
-        batches, invocations = client.zcard(BATCHES_KEY), client.zcard(RECENT_KEY)
+        batches, invocations = client.zcard(batches_key()), client.zcard(recent_key())
         results = read_rows(cached_batch(manifest=str(manifest)).path)
-        return results, client.zcard(BATCHES_KEY) - batches, client.zcard(RECENT_KEY) - invocations
+        return results, client.zcard(batches_key()) - batches, client.zcard(recent_key()) - invocations
 
     first, batches, invocations = run()
     assert batches == 4 and invocations > 0

@@ -109,7 +109,8 @@ refs = st.fixed_dictionaries(
 )
 requests = st.one_of(
     st.fixed_dictionaries({"op": st.just("alloc"), "refs": st.lists(refs, max_size=3),
-                           "consumers": st.integers(-2, 3) | st.text(max_size=3), "ttl": odd_floats, "timeout": odd_floats}),
+                           "pins": st.integers(-2, 3) | st.text(max_size=3), "ttl": odd_floats,
+                           "max_pinned": odd_floats, "timeout": odd_floats}),
     st.fixed_dictionaries({"op": st.sampled_from(["read", "fetch"]), "id": st.text(max_size=20)},
                           optional={"timeout": odd_floats}),
     st.fixed_dictionaries({"op": st.text(max_size=8)}, optional={"token": st.text(max_size=8) | st.integers()}),

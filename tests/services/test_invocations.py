@@ -8,11 +8,15 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
+from flyte_cornserve.namespace import ENV_NAMESPACE
+from flyte_cornserve.protocol import invocations
 from flyte_cornserve.protocol.invocations import (
     ErrorKind,
     InvocationStore,
     Outcome,
     State,
+    events_key,
+    invocation_key,
     queue_key,
 )
 
@@ -137,3 +141,32 @@ def test_an_executor_that_sees_the_entry_finds_the_invocation_queued(redis_url):
 
     for _ in range(20):
         run(scenario())
+
+
+def test_a_collected_record_goes_once_newer_invocations_push_it_out_of_the_recent_ones(redis_url, monkeypatch):
+    monkeypatch.setenv(ENV_NAMESPACE, f"retention-{uuid.uuid4().hex[:8]}")  # a recent set of its own
+    monkeypatch.setattr(invocations, "RECENT_LIMIT", 3)
+
+    async def scenario():
+        store = await store_for(redis_url)
+        deployment = f"dep-{uuid.uuid4().hex[:8]}"
+        collected, uncollected, running = [await store.submit(deployment, {"n": n}) for n in range(3)]
+        for _ in range(3):
+            invocation = await take(store, deployment, "executor-a")
+            assert await store.start(invocation, "executor-a")
+            if invocation.id != running:
+                assert await store.finish(invocation, Outcome(output={"n": invocation.input["n"]}))
+        await store.collect(collected, running)  # `running` has not ended: collecting it does nothing
+        assert (await store.record(collected)).output == {"n": 0}  # still among the recent: a repeated read finds it
+
+        newer = [await store.submit(deployment, {"n": n}) for n in range(3, 6)]  # the first three fall out
+        assert await store.redis.exists(invocation_key(collected), events_key(collected)) == 0
+        assert (await store.record(uncollected)).state is State.DONE  # nobody has its outcome yet: kept ...
+        assert 0 < await store.redis.ttl(invocation_key(uncollected)) <= invocations.RECORD_TTL_S  # ... for its TTL
+        assert (await store.record(running)).state is State.RUNNING
+        await store.collect(uncollected)  # collected once out of the recent ones: it goes at once
+        with pytest.raises(KeyError):
+            await store.record(uncollected)
+        assert [r.id for r in await store.recent(10)] == newer[::-1]
+
+    run(scenario())

@@ -16,7 +16,7 @@ from cornserve_builtins.encoder import EncoderTask, Modality
 from flyte_cornserve import phases
 from flyte_cornserve.flyte import call
 from flyte_cornserve.flyte.progress import ProgressLine
-from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_KEY
+from flyte_cornserve.protocol.deployments import deployment_events_key
 from flyte_cornserve.redis_server import ENV_URL
 from flyte_cornserve.services.control import StartProgress, phase_message
 from flyte_cornserve.task import TensorRef
@@ -131,7 +131,7 @@ def test_a_first_deployment_shows_its_named_phases_in_order_and_no_log_lines(
         assert embed(text="a red square").shape[0] > 0
         printed = capsys.readouterr().err
         events = [{k.decode(): v.decode() for k, v in fields.items()}
-                  for _, fields in private.sync_client().xrange(DEPLOYMENT_EVENTS_KEY)]
+                  for _, fields in private.sync_client().xrange(deployment_events_key())]
     finally:
         private.stop()
 

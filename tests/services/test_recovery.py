@@ -20,9 +20,9 @@ import redis
 
 from cornserve_builtins.encoder import EncoderTask
 from flyte_cornserve.models import resolve_model
-from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_KEY
+from flyte_cornserve.protocol.deployments import deployment_events_key
 from flyte_cornserve.protocol.invocations import ErrorKind, State
-from flyte_cornserve.services.control import CONTROL_PLANE_KEY, DeploymentState, load_deployment
+from flyte_cornserve.services.control import control_plane_key, DeploymentState, load_deployment
 from flyte_cornserve.services.dispatcher import Dispatcher
 from flyte_cornserve.services.stack import wait_for_exit
 from flyte_cornserve.task import TaskOptions
@@ -130,7 +130,7 @@ def test_an_executor_that_keeps_crashing_backs_off_then_fails_its_deployment(red
         assert deployment is not None and deployment.state is DeploymentState.FAILED
         assert deployment.executors == [], "no phantom executor id"
         assert "config.json" in deployment.message and deployment.restarts == 2
-        exits = [e for _, e in stack.sync_client().xrange(DEPLOYMENT_EVENTS_KEY)
+        exits = [e for _, e in stack.sync_client().xrange(deployment_events_key())
                  if e[b"deployment"].decode() == encoder.deployment_id() and e[b"event"] == b"executor-exited"]
         assert len(exits) == 3  # bounded: the limit, then no more restarts
         wait_for_event(stack, encoder.deployment_id(), "failed", 5.0)
@@ -145,7 +145,7 @@ def test_a_run_started_before_the_control_plane_is_up_is_retried_until_it_is(red
     comes up meanwhile (started once the first attempt failed) serves the retry."""
     stack = Stack(redis_url, tmp_path / "control-plane.log", "--cpu", "2", "--memory", "8Gi")
     stack.stop()  # a clean stop: the control plane's key is gone, so this Redis has none
-    assert not stack.sync_client().exists(CONTROL_PLANE_KEY)
+    assert not stack.sync_client().exists(control_plane_key())
     encoder = EncoderTask(model_id="tiny-llava", options=TaskOptions(timeout=timedelta(seconds=60), retries=3))
     seen: list[str] = []
 

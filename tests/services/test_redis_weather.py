@@ -15,7 +15,7 @@ import redis
 
 from cornserve_builtins.encoder import EncoderTask
 from flyte_cornserve.services import control
-from flyte_cornserve.services.control import CONTROL_PLANE_KEY
+from flyte_cornserve.services.control import control_plane_key
 from flyte_cornserve.services.control_plane import HEARTBEAT_S
 
 from ..restartable_redis import RestartableRedis
@@ -48,9 +48,9 @@ def _outage(server: RestartableRedis) -> None:
 def test_control_plane_keeps_its_heartbeat_and_serves_across_a_redis_restart(server, plane) -> None:
     sync = plane.sync_client()
     _outage(server)
-    sync.delete(CONTROL_PLANE_KEY)  # as if it expired during a longer outage
+    sync.delete(control_plane_key())  # as if it expired during a longer outage
     deadline = time.monotonic() + 10 * HEARTBEAT_S
-    while (raw := sync.get(CONTROL_PLANE_KEY)) is None:
+    while (raw := sync.get(control_plane_key())) is None:
         assert plane.process.poll() is None, "the control plane exited"
         assert time.monotonic() < deadline, "the control plane's heartbeat did not come back"
         time.sleep(HEARTBEAT_S / 10)  # the poll's period
@@ -76,7 +76,7 @@ def test_a_control_plane_whose_key_was_taken_during_an_outage_stops(server, plan
     # own, same folder and AOF: the real socket comes back already holding the other plane's key).
     side = server.directory / "side.sock"
     server.start(socket=side)
-    redis.Redis(unix_socket_path=str(side), db=db).set(CONTROL_PLANE_KEY, other, px=600_000)
+    redis.Redis(unix_socket_path=str(side), db=db).set(control_plane_key(), other, px=600_000)
     server.stop()
     server.start()
     plane.process.wait(60)
@@ -85,4 +85,4 @@ def test_a_control_plane_whose_key_was_taken_during_an_outage_stops(server, plan
         assert time.monotonic() < deadline, log[-3000:]
         time.sleep(0.05)  # the poll's period
     assert "another control plane" in log, log[-3000:]
-    assert plane.sync_client().get(CONTROL_PLANE_KEY).decode() == other  # left alone
+    assert plane.sync_client().get(control_plane_key()).decode() == other  # left alone

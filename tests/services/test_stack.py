@@ -23,6 +23,7 @@ from cornserve_builtins.llm import LLMInput, LLMTask, SamplingParams
 from cornserve_builtins.mllm import MLLMTask
 from flyte_cornserve.flyte import call
 from flyte_cornserve.flyte.decks import invocation_view
+from flyte_cornserve.protocol.deployments import executor_key
 from flyte_cornserve.protocol.invocations import ErrorKind, InvocationStore, State, events_key
 from flyte_cornserve.redis_server import ASYNC_POOL_SIZE, ENV_URL, connect_async
 from flyte_cornserve.services.control import (
@@ -94,7 +95,7 @@ def executor_pid(stack: Stack, deployment_id: str) -> int:
     client = stack.sync_client()
     deployment = Deployment.from_redis(client.hgetall(deployment_key(deployment_id)))
     assert deployment.executors
-    beat = client.get(f"cornserve:executor:{deployment.executors[0]}")
+    beat = client.get(executor_key(deployment.executors[0]))
     assert beat is not None, "the executor does not heartbeat"
     return json.loads(beat)["pid"]
 

@@ -1,5 +1,5 @@
-"""Memory comes back: after the last consumer releases, after an orphan's TTL, after a crash and
-restart; and a full sidecar makes producers wait, then fail clearly."""
+"""Memory comes back: after the last pin is released (with no TTL), after an orphan's bound, after a
+crash and restart; and a sidecar full of pinned tensors makes producers wait, then fail clearly."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_ten_thousand_cycles_leave_memory_and_redis_keys_at_baseline(sidecars, w
     assert baseline_files == {node.arena}
     for i in range(10_000):
         tensor = np.full(1 + i % 64, i, dtype=np.int32)  # 4 B .. 256 B, sizes vary
-        ref = client.put(tensor)
+        ref = client.put(tensor, ttl=0)  # evicted as soon as it is released
         view = client.get(ref)
         assert view[-1] == i
         del view
@@ -57,7 +57,7 @@ def test_cross_node_cycles_leave_both_sidecars_at_baseline(sidecars, wait_until)
     producer, consumer = sidecars.client(a), sidecars.client(b)
     baseline_keys = sidecars.directory.keys()
     for i in range(300):
-        ref = producer.put(torch.full((1000,), float(i)))
+        ref = producer.put(torch.full((1000,), float(i)), ttl=0)
         assert consumer.get(ref)[-1] == i
         consumer.release(ref)
     wait_until(lambda: settled(producer) and settled(consumer), "both sidecars to free everything")
@@ -65,31 +65,35 @@ def test_cross_node_cycles_leave_both_sidecars_at_baseline(sidecars, wait_until)
     assert shm_files(a) == {a.arena} and shm_files(b) == {b.arena}
 
 
-def test_memory_is_freed_when_the_last_of_its_consumers_releases(sidecars, wait_until) -> None:
+def test_a_tensor_becomes_cached_at_its_last_pin_and_goes_at_its_ttl(sidecars, wait_until) -> None:
     client = sidecars.client(sidecars.start())
-    ref = client.put(torch.arange(100), consumers=3)
+    ref = client.put(torch.arange(100), pins=3, ttl=1.0)
     client.release(ref)
     client.release(ref)
-    assert torch.equal(client.get(ref), torch.arange(100))  # one consumer left
-    assert client.stats().tensors == 1
+    assert torch.equal(client.get(ref), torch.arange(100))  # one pin left
+    assert (client.stats().pinned, client.stats().cached) == (1, 0)
     client.release(ref)
-    wait_until(lambda: settled(client), "the tensor to be freed after the third release")
-    with pytest.raises(TensorNotFound):
+    wait_until(lambda: client.stats().cached == 1, "the sidecar to learn that the tensor is CACHED")
+    assert torch.equal(client.get(ref), torch.arange(100))  # CACHED: still readable
+    wait_until(lambda: settled(client), "the CACHED tensor to be evicted at its TTL")
+    assert client.stats().evictions == {"lru": 0, "ttl": 1, "orphan": 0}
+    with pytest.raises(TensorNotFound, match="is gone: evicted from its sidecar's cache, expired"):
         client.get(ref, timeout=5)
 
 
-def test_orphans_are_collected_after_their_ttl(sidecars, wait_until) -> None:
+def test_a_tensor_pinned_past_max_pinned_is_freed_as_an_orphan(sidecars, wait_until) -> None:
     client = sidecars.client(sidecars.start())
     baseline_keys = sidecars.directory.keys()
-    kept = client.put(torch.ones(10), ttl=600)
-    orphan = client.put(torch.ones(1000), ttl=0.5, consumers=2)
+    kept = client.put(torch.ones(10), ttl=0)
+    orphan = client.put(torch.ones(1000), pins=2, ttl=600, max_pinned=0.5)
     assert torch.equal(client.get(orphan), torch.ones(1000))  # nobody ever releases it
-    wait_until(lambda: client.stats().tensors == 1, "the orphan's TTL to expire")
+    wait_until(lambda: client.stats().tensors == 1, "the orphan's bound to pass")
+    assert client.stats().evictions == {"lru": 0, "ttl": 0, "orphan": 1}
     with pytest.raises(TensorNotFound, match="is gone"):
         client.get(orphan, timeout=5)
-    assert torch.equal(client.get(kept), torch.ones(10))  # a tensor within its TTL stays
+    assert torch.equal(client.get(kept), torch.ones(10))  # a tensor within its bound stays
     client.release(kept)
-    wait_until(lambda: settled(client), "the kept tensor to be freed")
+    wait_until(lambda: settled(client), "the kept tensor to be evicted")
     assert sidecars.directory.keys() == baseline_keys
 
 
@@ -110,18 +114,21 @@ def test_a_restarted_sidecar_removes_what_its_crashed_predecessor_left(sidecars)
     assert torch.equal(client.get(client.put(torch.arange(5))), torch.arange(5))
 
 
-def test_memory_cap_applies_backpressure_then_fails_clearly(sidecars, wait_until) -> None:
+def test_memory_cap_applies_backpressure_when_all_is_pinned_then_fails_clearly(sidecars, wait_until) -> None:
     node = sidecars.start(memory_cap="1MiB")
     client = sidecars.client(node)
     big = torch.ones(600 * KiB // 4)  # 600 KiB: two do not fit under 1 MiB
     first = client.put(big)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        blocked = pool.submit(client.put, big * 2, timeout=30)
+        blocked = pool.submit(client.put, big * 2, timeout=30, ttl=0)
         wait_until(lambda: client.stats().waiting == 1, "the second put to wait for memory")
         assert not blocked.done()
-        client.release(first)  # frees room: the waiting put proceeds
+        client.release(first)  # CACHED: the waiting put evicts it and proceeds
         second = blocked.result(timeout=30)
     assert torch.equal(client.get(second), big * 2)
+    assert client.stats().evictions["lru"] == 1 and client.stats().waits == 1
+    with pytest.raises(TensorNotFound):
+        client.get(first, timeout=5)
     with pytest.raises(MemoryCapExceeded, match=r"no room for 614400 bytes within 0.2 s; 614400 of 1048576 bytes in use"):
         client.put(big, timeout=0.2)
     with pytest.raises(MemoryCapExceeded, match="can never fit under .* memory cap of 1048576 bytes"):
@@ -138,6 +145,6 @@ def test_a_batch_put_that_does_not_fit_places_nothing(sidecars, wait_until) -> N
     with pytest.raises(MemoryCapExceeded):
         client.put_many([third, third, third, third], timeout=0.2)  # 4 x 300 KiB: the fourth does not fit
     assert client.stats().used == 0  # all or nothing: the three that fitted were freed
-    refs = client.put_many([third, third, third], timeout=5)
+    refs = client.put_many([third, third, third], timeout=5, ttl=0)
     client.release_many(refs)
     wait_until(lambda: settled(client), "the sidecar to free the batch")

@@ -57,10 +57,11 @@ def test_a_second_sidecar_with_a_live_id_is_refused(sidecars) -> None:
     assert a.arena_path.exists()
 
 
-def test_a_released_tensor_is_not_found_rather_than_dead(sidecars) -> None:
+def test_an_evicted_tensor_is_not_found_rather_than_dead(sidecars, wait_until) -> None:
     a = sidecars.start()
     client = sidecars.client(a)
-    ref = client.put(torch.ones(10))
-    client.release(ref)
-    with pytest.raises(TensorNotFound):
+    ref = client.put(torch.ones(10), ttl=0)
+    client.release(ref)  # CACHED with no TTL left: evicted at once
+    wait_until(lambda: client.stats().tensors == 0, "the sidecar to evict the released tensor")
+    with pytest.raises(TensorNotFound, match="is gone: evicted from its sidecar's cache"):
         client.get(ref, timeout=TIMEOUT_S)

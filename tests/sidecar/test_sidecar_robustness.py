@@ -9,13 +9,12 @@ import contextlib
 import os
 import socket
 import threading
-import time
 
 import pytest
 import torch
 
 from flyte_cornserve.sidecar import wire
-from flyte_cornserve.sidecar.directory import Member, TensorEntry, TensorState
+from flyte_cornserve.sidecar.directory import Member, TensorEntry
 from flyte_cornserve.sidecar.errors import AuthenticationError, ProtocolError, TensorNotFound
 from flyte_cornserve.task.tensor_ref import TensorRef
 
@@ -45,7 +44,7 @@ def victim(module_sidecars):
     return module_sidecars.start()
 
 
-ALLOC_BODY = '{{"op": "alloc", "refs": [{{"id": "a", "shape": [2], "dtype": "{dtype}", "nbytes": {nbytes}}}], "consumers": 1, "ttl": 9, "timeout": 1}}'
+ALLOC_BODY = '{{"op": "alloc", "refs": [{{"id": "a", "shape": [2], "dtype": "{dtype}", "nbytes": {nbytes}}}], "pins": 1, "ttl": 9, "max_pinned": 60, "timeout": 1}}'
 
 
 @pytest.mark.parametrize(
@@ -74,7 +73,7 @@ def test_malformed_requests_are_answered_with_an_error_and_the_sidecar_keeps_ser
 def test_a_request_for_an_unknown_tensor_fails_but_the_connection_stays_usable(victim) -> None:
     with send_raw(victim, b"") as sock:
         wire.send_request(sock, wire.ReadRequest(id="no-such-tensor"))
-        with pytest.raises(TensorNotFound, match="holds no ready tensor 'no-such-tensor'"):
+        with pytest.raises(TensorNotFound, match="holds no tensor 'no-such-tensor'"):
             wire.recv_reply(sock, wire.Empty, timeout=10)
         wire.send_request(sock, wire.StatsRequest())
         assert wire.recv_reply(sock, wire.Stats, timeout=10).sidecar == victim.id
@@ -98,9 +97,8 @@ class FakePeer:
                         pid=os.getpid(), shm_dir="/dev/shm", arena=f"cornserve_{self.id}_0", capacity=1 << 20)  # fmt: skip
         sidecars.directory.heartbeat(member, ttl=60)
         ref = TensorRef(id=self.tensor_id, shape=self.SHAPE, dtype=self.DTYPE, nbytes=self.NBYTES, location=self.id)
-        entry = TensorEntry(ref=ref, holder=self.id, arena=member.arena, offset=0, state=TensorState.READY,
-                            consumers=1, expires_at=time.time() + 60)  # fmt: skip
-        assert sidecars.directory.publish(self.tensor_id, entry, ttl=60)
+        entry = TensorEntry(ref=ref, holder=self.id, arena=member.arena, offset=0, pins=1, ttl=0, max_pinned=60)
+        assert sidecars.directory.publish(self.tensor_id, entry)
 
     def _serve_one(self) -> None:
         with self.listener:
@@ -141,7 +139,7 @@ def test_a_sidecar_rejects_bad_tensor_streams_from_a_peer_and_keeps_serving(modu
     consumer = module_sidecars.client(victim)
     with pytest.raises(ProtocolError, match=message):
         consumer.get(peer.tensor_id, timeout=30)
-    assert consumer.stats().used == 0  # the room reserved for the copy was given back
+    assert consumer.stats().pinned == 0  # the room reserved for the copy was given back
     assert_still_serving(module_sidecars, victim)
 
 

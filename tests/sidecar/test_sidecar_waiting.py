@@ -26,12 +26,12 @@ def test_consumers_waiting_before_the_put_get_the_tensor(sidecars, wait_until) -
         waiting = [pool.submit(lambda c=c: c.get("image-embedding.7", timeout=30).clone()) for c in (same_node, other_node)]
         wait_until(lambda: blocked_readers(sidecars) == before + 2, "both consumers to block in Redis")
         assert not any(f.done() for f in waiting)
-        ref = producer.put(tensor, id="image-embedding.7", consumers=2)
+        ref = producer.put(tensor, id="image-embedding.7", pins=2, ttl=0)
         results = [f.result(timeout=30) for f in waiting]
     assert all(torch.equal(r, tensor) for r in results)
     same_node.release(ref)
     other_node.release(ref)
-    wait_until(lambda: producer.stats().tensors == 0, "the tensor to be freed after both releases")
+    wait_until(lambda: producer.stats().tensors == 0, "the tensor (ttl 0) to be evicted after both releases")
 
 
 def test_a_tensor_nobody_writes_times_out_with_a_clear_error(sidecars) -> None:

@@ -88,7 +88,7 @@ def test_truncated_payload_and_bad_checksum_are_rejected() -> None:
 
 def test_requests_round_trip_and_replies_carry_error_classes() -> None:
     ref = TensorRef(id="x.1", shape=(2, 2), dtype="bfloat16", nbytes=8)
-    request = wire.AllocRequest(token="t", refs=[ref], consumers=2, ttl=5, timeout=1)
+    request = wire.AllocRequest(token="t", refs=[ref], pins=2, ttl=5, max_pinned=60, timeout=1)
     sender, receiver = _pair()
     with sender, receiver:
         wire.send_request(sender, request)
@@ -113,19 +113,31 @@ def _frame(body: bytes, *, magic=wire.MAGIC_REQUEST, version=wire.VERSION, lengt
         (_frame(b'{"op": "delete_everything"}'), "invalid request: body: Input tag 'delete_everything'"),
         (_frame(b'{"op": "read", "id": "../etc/passwd"}'), "invalid request: read.id: String should match pattern"),
         (
-            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "complex64", "nbytes": 16}], "consumers": 1, "ttl": 1, "timeout": 1}'),
+            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "complex64", "nbytes": 16}], "pins": 1, "ttl": 1, "max_pinned": 9, "timeout": 1}'),
             "dtype 'complex64' is not allowed",
         ),
         (
-            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "float32", "nbytes": 9}], "consumers": 1, "ttl": 1, "timeout": 1}'),
+            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "float32", "nbytes": 9}], "pins": 1, "ttl": 1, "max_pinned": 9, "timeout": 1}'),
             "nbytes=9 disagrees with shape",
         ),
         (
-            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "float32", "nbytes": 8}], "consumers": 0, "ttl": 1, "timeout": 1}'),
-            "alloc.consumers: Input should be greater than or equal to 1",
+            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "float32", "nbytes": 8}], "pins": -1, "ttl": 1, "max_pinned": 9, "timeout": 1}'),
+            "alloc.pins: Input should be greater than or equal to 0",
         ),
         (
-            _frame(b'{"op": "alloc", "refs": [], "consumers": 1, "ttl": 1, "timeout": 1}'),
+            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "float32", "nbytes": 8}], "pins": 0, "ttl": -1, "max_pinned": 9, "timeout": 1}'),
+            "alloc.ttl: Input should be greater than or equal to 0",
+        ),
+        (
+            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "float32", "nbytes": 8}], "pins": 0, "ttl": 0, "max_pinned": 0, "timeout": 1}'),
+            "alloc.max_pinned: Input should be greater than 0",
+        ),
+        (
+            _frame(b'{"op": "alloc", "refs": [{"id": "a", "shape": [2], "dtype": "float32", "nbytes": 8}], "pins": 1, "ttl": 0, "consumers": 1, "max_pinned": 9, "timeout": 1}'),
+            "alloc.consumers: Extra inputs are not permitted",
+        ),
+        (
+            _frame(b'{"op": "alloc", "refs": [], "pins": 1, "ttl": 1, "max_pinned": 9, "timeout": 1}'),
             "alloc.refs: List should have at least 1 item",
         ),
     ],
