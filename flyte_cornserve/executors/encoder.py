@@ -27,10 +27,16 @@ from .handler import Handler
 from .media import MediaError, read_bytes
 
 
+#: How long an output stays in its sidecar as cache once its consumer released it: none yet. Its id
+#: is random, so nothing could find it again; content-addressed ids (docs/architecture.md, "Tensor
+#: lifetime", step 2) will make a cached output a hit.
+OUTPUT_TTL_S = 0.0
+
+
 class TensorStore(Protocol):
     """The part of the sidecar client an encoder needs."""
 
-    def put_many(self, tensors: list[Any], *, trace: list[Transfer] | None = None) -> list[TensorRef]: ...
+    def put_many(self, tensors: list[Any], *, ttl: float, trace: list[Transfer] | None = None) -> list[TensorRef]: ...
 
 
 class BadItem(ValueError):
@@ -143,7 +149,8 @@ class EncoderHandler(Handler):
 
     def _encode_and_store(self, batch: list[Invocation], items: dict[int, Any], outcomes: list[Outcome | None]) -> None:
         trace: list[Transfer] = []
-        refs = self.store.put_many([tensor.contiguous() for tensor in self._encode(list(items.values()))], trace=trace)
+        refs = self.store.put_many([tensor.contiguous() for tensor in self._encode(list(items.values()))],
+                                   ttl=OUTPUT_TTL_S, trace=trace)
         for (i, ref), transfer in zip(zip(items, refs, strict=True), trace, strict=True):
             # an interactive invocation's outcome keeps its tensor's transfer, for its deck
             kept = (transfer.to_json(),) if batch[i].priority is Priority.INTERACTIVE else ()
@@ -164,7 +171,7 @@ class EncoderHandler(Handler):
                 continue
             try:
                 trace: list[Transfer] = []
-                (ref,) = self.store.put_many(tensors, trace=trace)
+                (ref,) = self.store.put_many(tensors, ttl=OUTPUT_TTL_S, trace=trace)
             except Exception as exc:  # noqa: BLE001
                 outcomes[i] = Outcome.failed(f"could not store the embeddings: {type(exc).__name__}: {exc}",
                                              ErrorKind.RECOVERABLE)
