@@ -16,8 +16,8 @@ process that was killed), so a dead process is never listed.
 
 This module knows nothing of the rest of the project: it needs prometheus_client and redis only.
 The metrics of the executors and sidecars are defined here too (`ExecutorMetrics`,
-`SidecarMetrics`), so their names are in one place; the control plane's are computed from Redis at
-scrape time (`flyte_cornserve.services.plane_metrics`).
+`TensorCacheMetrics`, `SidecarMetrics`), so their names are in one place; the control plane's are
+computed from Redis at scrape time (`flyte_cornserve.services.plane_metrics`).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class ExecutorMetrics:
     def __init__(self, deployment_id: str, executor_id: str) -> None:
         self.registry = registry = CollectorRegistry()
         ids = {"deployment": deployment_id, "executor": executor_id}
-        self._ids = ids
+        self.labels = ids
         self.invocations = Counter(
             "cornserve_executor_invocations", "invocations whose outcome this executor stored, by terminal "
             "state and error kind (\"\" unless ERROR)", [*ids, "state", "kind"], registry=registry)
@@ -214,10 +214,25 @@ class ExecutorMetrics:
 
     def ended(self, state: str, kind: str = "") -> None:
         """Count one outcome stored here; `kind` only for state ERROR."""
-        self.invocations.labels(**self._ids, state=state, kind=kind if state == "ERROR" else "").inc()
+        self.invocations.labels(**self.labels, state=state, kind=kind if state == "ERROR" else "").inc()
 
     def gave_up(self, state: str) -> None:
-        self.aborted.labels(**self._ids, state=state).inc()
+        self.aborted.labels(**self.labels, state=state).inc()
+
+
+class TensorCacheMetrics:
+    """An encoder executor's outputs found again by content id, in its executor's registry and with
+    its labels. Each item with embeddings counts once: a miss if its tensor was encoded and put here
+    for it, else a hit (a tensor already in a sidecar, or the one put for an equal item of its batch)."""
+
+    def __init__(self, executor: ExecutorMetrics) -> None:
+        ids = executor.labels
+        lookups = Counter("cornserve_tensor_cache_lookups", "items by where their embeddings came from: hit (a "
+                          "tensor already stored, or stored for an equal item of the same batch), miss (encoded "
+                          "and stored for it)", [*ids, "result"], registry=executor.registry)
+        self.hits, self.misses = (lookups.labels(**ids, result=result) for result in ("hit", "miss"))
+        self.bytes_saved = Counter("cornserve_tensor_cache_bytes_saved", "bytes of the hits' embeddings: tensors "
+                                   "not encoded and stored again", list(ids), registry=executor.registry).labels(**ids)
 
 
 #: the `path` label of `cornserve_sidecar_bytes_total`

@@ -12,6 +12,7 @@ import pathlib
 import signal
 import subprocess
 import time
+import uuid
 
 import redis
 import redis.asyncio as aioredis
@@ -24,6 +25,19 @@ from flyte_cornserve.services.backend import CLI
 DATABASES = range(1, 16)  # a Redis server has 16 unless configured otherwise
 _in_use: dict[str, set[int]] = {}  # server URL -> databases of live stacks
 START_TIMEOUT_S = 300.0
+
+
+def new_image(image: str | pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+    """`image`'s pixels under bytes no other file has (a PNG text chunk of its own), in `folder`: the
+    stack's encoders address their outputs by content, so its encode is a put, never a cache hit."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    unique = PngInfo()
+    unique.add_text("test", uuid.uuid4().hex)
+    path = folder / f"{uuid.uuid4().hex[:8]}.png"
+    Image.open(image).save(path, pnginfo=unique)
+    return path
 
 
 class Stack:

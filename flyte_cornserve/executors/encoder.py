@@ -4,39 +4,75 @@ or a text encoder (mean-pooled sentence embeddings), batched, writing embeddings
 Images are fetched here, from wherever the reference points (`media`): image bytes never travel
 through Redis. Embeddings never go back through Redis either: each is `put` into the node's sidecar
 and only its `TensorRef` is the invocation's output.
+
+Outputs are content-addressed (`content_ids`): an item's id hashes the deployment's output identity
+and the bytes fetched (or the text), so that the same content is encoded once while its tensor is in
+a sidecar. In a batch, equal ids are encoded once. An id already stored is a hit: pinned once per
+item, not encoded. Each other id is claimed, and only its claimer encodes it (single flight); an id
+another encoder has claimed is waited for, then pinned, or claimed in turn if that encoder died.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
+import os
 import pathlib
 import re
+import socket
+import time
+import uuid
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from flyte_cornserve.descriptors import TaskExecutionDescriptor
+from flyte_cornserve.metrics import ExecutorMetrics, TensorCacheMetrics
 from flyte_cornserve.models import resolve_model
 from flyte_cornserve.phases import LOADING_WEIGHTS, phase
 from flyte_cornserve.protocol.invocations import ErrorKind, Invocation, Outcome, Priority
 from flyte_cornserve.sidecar.client import Transfer
+from flyte_cornserve.sidecar.errors import TensorIdTaken
 from flyte_cornserve.task import TensorRef
 
+from .content_ids import content_id, output_identity
 from .handler import Handler
 from .media import MediaError, read_bytes
 
+#: Part of the outputs' identity: bump it with any change here that changes the embeddings of the
+#: same model and input, so that outputs computed before are not found again.
+ENCODER_VERSION = 1
 
-#: How long an output stays in its sidecar as cache once its consumer released it: none yet. Its id
-#: is random, so nothing could find it again; content-addressed ids (docs/architecture.md, "Tensor
-#: lifetime", step 2) will make a cached output a hit.
-OUTPUT_TTL_S = 0.0
+#: How long an output stays in its sidecar as cache once its consumers released it (unless its room
+#: is needed first): a request for the same content meanwhile is a hit.
+CACHED_TTL_S = 600.0
+
+#: How long a claim on an id lasts: longer than encoding and storing a batch. An encoder that dies
+#: holding claims delays those waiting for them this long at most; one slower than this loses only
+#: single flight (a waiter encodes too, and the second put finds the first's tensor: a hit).
+CLAIM_TTL_S = 10.0
+
+#: How long a batch waits for another encoder's output before it looks again (stored? claim gone?).
+WAIT_SLICE_S = 1.0
+
+#: The `op` and `path` of an item's transfer (in its deck) when its embeddings were found stored, not put.
+HIT, CACHE = "hit", "cache"
 
 
 class TensorStore(Protocol):
-    """The part of the sidecar client an encoder needs."""
+    """The part of the sidecar client (`SidecarClient`) an encoder needs."""
 
-    def put_many(self, tensors: list[Any], *, ttl: float, trace: list[Transfer] | None = None) -> list[TensorRef]: ...
+    def put_many(self, tensors: list[Any], *, pins: int, ttl: float, ids: list[str | None] | None = None,
+                 trace: list[Transfer] | None = None) -> list[TensorRef]: ...
+
+    def pin_many(self, ids: list[str], pins: int | list[int] = 1) -> list[TensorRef | None]: ...
+
+    def claim_many(self, ids: list[str], claimer: str, ttl: float) -> list[bool]: ...
+
+    def unclaim_many(self, ids: list[str], claimer: str) -> None: ...
+
+    def wait_published(self, id: str, timeout: float) -> bool: ...
 
 
 class BadItem(ValueError):
@@ -47,14 +83,18 @@ class BadItem(ValueError):
         self.kind = ErrorKind.RECOVERABLE if recoverable else ErrorKind.USER
 
 
-def decode_image(reference: str):
-    """A PIL image from a reference `media.read_bytes` reads (a path, a URL, a data: URL)."""
-    from PIL import Image, UnidentifiedImageError
-
+def read_image(reference: str) -> bytes:
+    """The bytes behind an image reference (a path, a URL, a data: URL: what `media.read_bytes` reads)."""
     try:
-        raw = read_bytes(reference)
+        return read_bytes(reference)
     except MediaError as exc:
         raise BadItem(str(exc), exc.recoverable) from None
+
+
+def decode_image(raw: bytes, reference: str):
+    """A PIL image from the bytes `read_image` read for `reference` (which the errors name)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         image = Image.open(io.BytesIO(raw))  # reads the header only: no pixel is decoded yet
         _check_pixels(reference, image.size)
@@ -101,7 +141,12 @@ class EncoderHandler(Handler):
         self.modality: str = args["modality"]
         self.input_model, _ = descriptor.task.io_models()
         self.store = store
+        self._identity = ""  # the outputs' identity (`content_ids.output_identity`), once started
         self._encode = None
+        self._cache: TensorCacheMetrics | None = None
+
+    def instrument(self, metrics: ExecutorMetrics) -> None:
+        self._cache = TensorCacheMetrics(metrics)
 
     async def start(self) -> None:
         self._encode = await asyncio.to_thread(self._load)
@@ -110,6 +155,7 @@ class EncoderHandler(Handler):
         """Phases: building the model (a tiny one, on first use), loading weights. No warm-up: the
         first encode costs a few milliseconds more than the next ones, not worth a phase."""
         path = resolve_model(self.model_id)
+        self._identity = output_identity(self.model_id, self.modality, path, ENCODER_VERSION)
         with phase(LOADING_WEIGHTS):
             import torch
             from transformers import AutoConfig
@@ -127,61 +173,159 @@ class EncoderHandler(Handler):
             return _plain_vision_encoder(path)
 
     async def handle(self, batch: list[Invocation]) -> list[Outcome]:
-        return await asyncio.to_thread(self._handle, batch)  # fetching, decoding, encoding: off the loop
+        return await asyncio.to_thread(self._handle, batch)  # fetching, hashing, decoding, encoding: off the loop
 
     def _handle(self, batch: list[Invocation]) -> list[Outcome]:
-        items: dict[int, Any] = {}
+        contents: dict[int, bytes] = {}
         outcomes: list[Outcome | None] = [None] * len(batch)
         for i, invocation in enumerate(batch):
             try:
                 data = self.input_model.model_validate(invocation.input).data
-                items[i] = decode_image(data) if self.modality == "image" else data
+                contents[i] = read_image(data) if self.modality == "image" else data.encode()
             except ValidationError as exc:
                 outcomes[i] = Outcome.failed(f"invalid input: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
             except BadItem as exc:
                 outcomes[i] = Outcome.failed(str(exc), exc.kind)
-        if items:
-            try:
-                self._encode_and_store(batch, items, outcomes)
-            except Exception:  # noqa: BLE001  one bad item must not fail its batch: each alone, then
-                self._one_by_one(batch, items, outcomes)
+        todo: dict[str, list[int]] = {}  # content id -> the items that have it
+        for i, content in contents.items():
+            todo.setdefault(content_id(self._identity, content), []).append(i)
+        claimer = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this batch, in its claims
+        try:
+            while todo:
+                todo = self._serve(batch, contents, todo, outcomes, claimer)
+        except Exception as exc:  # noqa: BLE001  Redis away beyond its client's retries: what is served stays so
+            for i, outcome in enumerate(outcomes):
+                if outcome is None:
+                    outcomes[i] = Outcome.failed(f"could not look the embeddings up: {type(exc).__name__}: {exc}",
+                                                 ErrorKind.RECOVERABLE)
         return outcomes  # type: ignore[return-value]
 
-    def _encode_and_store(self, batch: list[Invocation], items: dict[int, Any], outcomes: list[Outcome | None]) -> None:
+    def _serve(self, batch: list[Invocation], contents: dict[int, bytes], todo: dict[str, list[int]],
+               outcomes: list[Outcome | None], claimer: str) -> dict[str, list[int]]:
+        """Serve the ids that can be served now: those stored (hits) and those this batch claims
+        (encoded and stored here). Returns the others: claimed by another encoder (once waited a
+        while for one of them), or stored by another one meanwhile (hits next time)."""
+        ids = list(todo)
+        began, clock = time.time(), time.perf_counter()
+        found = self.store.pin_many(ids, [len(todo[key]) for key in ids])
+        seconds = time.perf_counter() - clock
+        for key, ref in zip(ids, found, strict=True):
+            if ref is not None:
+                hit = Transfer(HIT, ref.id, tuple(ref.shape), ref.dtype, ref.nbytes, CACHE, seconds, began)
+                self._served(batch, todo.pop(key), ref, hit, outcomes)
+        if not todo:
+            return todo
+        ids = list(todo)
+        mine = {key: todo.pop(key) for key, won in zip(ids, self.store.claim_many(ids, claimer, CLAIM_TTL_S),
+                                                       strict=True) if won}
+        if mine:
+            try:
+                todo.update(self._encode_and_store(batch, contents, mine, outcomes))
+            finally:
+                self.store.unclaim_many(list(mine), claimer)
+        elif todo:
+            self.store.wait_published(next(iter(todo)), WAIT_SLICE_S)
+        return todo
+
+    def _encode_and_store(self, batch: list[Invocation], contents: dict[int, bytes], mine: dict[str, list[int]],
+                          outcomes: list[Outcome | None]) -> dict[str, list[int]]:
+        """Encode each claimed id once, from its items' content, and store its tensor. Returns the ids
+        whose tensor another encoder stored first."""
+        inputs: dict[str, Any] = {}
+        items: dict[str, list[int]] = {}
+        for key, indices in mine.items():
+            for n, i in enumerate(indices):  # equal bytes decode alike; a failure names its own item's reference
+                try:
+                    inputs[key] = self._decode(contents[i], batch[i])
+                except BadItem as exc:
+                    outcomes[i] = Outcome.failed(str(exc), exc.kind)
+                    continue
+                items[key] = indices[n:]
+                break
+        if not inputs:
+            return {}
+        try:
+            tensors = dict(zip(inputs, [tensor.contiguous() for tensor in self._encode(list(inputs.values()))],
+                               strict=True))
+        except Exception:  # noqa: BLE001  one bad item must not fail its batch: each alone, then
+            tensors = self._encode_one_by_one(batch, inputs, items, outcomes)
+        return self._store(batch, tensors, items, outcomes)
+
+    def _decode(self, raw: bytes, invocation: Invocation) -> Any:
+        return decode_image(raw, self._reference(invocation)) if self.modality == "image" else raw.decode()
+
+    def _encode_one_by_one(self, batch: list[Invocation], inputs: dict[str, Any], items: dict[str, list[int]],
+                           outcomes: list[Outcome | None]) -> dict[str, Any]:
+        """The batch's encode failed: encode each input alone, so only the items at fault fail.
+
+        An input that cannot be encoded alone is its items' fault (a user error), unless none of
+        several could (the model, not the inputs: recoverable)."""
+        tensors: dict[str, Any] = {}
+        unencodable: list[tuple[str, str]] = []
+        for key, item in inputs.items():
+            try:
+                (tensor,) = self._encode([item])
+            except Exception as exc:  # noqa: BLE001
+                unencodable.append((key, f"{type(exc).__name__}: {exc}"))
+                continue
+            tensors[key] = tensor.contiguous()
+        kind = ErrorKind.RECOVERABLE if len(inputs) > 1 and len(unencodable) == len(inputs) else ErrorKind.USER
+        for key, error in unencodable:
+            for i in items[key]:
+                what = f"image {self._reference(batch[i])[:200]!r}" if self.modality == "image" else "text"
+                outcomes[i] = Outcome.failed(f"cannot encode {what}: {error[:500]}", kind)
+        return tensors
+
+    def _store(self, batch: list[Invocation], tensors: dict[str, Any], items: dict[str, list[int]],
+               outcomes: list[Outcome | None]) -> dict[str, list[int]]:
+        """Put each tensor under its id, pinned once per item (one `put_many` per pin count); a put
+        that fails is tried again tensor by tensor, so only the tensors at fault fail (their sidecar's
+        trouble: recoverable). Returns the ids whose tensor another encoder had put first."""
+        by_pins: dict[int, list[str]] = {}
+        for key in tensors:
+            by_pins.setdefault(len(items[key]), []).append(key)
+        raced: dict[str, list[int]] = {}
+        for pins, keys in by_pins.items():
+            try:
+                self._put(batch, tensors, keys, pins, items, outcomes)
+            except Exception:  # noqa: BLE001  one at fault must not fail the others: each alone, then
+                raced |= self._put_one_by_one(batch, tensors, keys, pins, items, outcomes)
+        return raced
+
+    def _put_one_by_one(self, batch: list[Invocation], tensors: dict[str, Any], keys: list[str], pins: int,
+                        items: dict[str, list[int]], outcomes: list[Outcome | None]) -> dict[str, list[int]]:
+        raced: dict[str, list[int]] = {}
+        for key in keys:
+            try:
+                self._put(batch, tensors, [key], pins, items, outcomes)
+            except TensorIdTaken:  # the same content, put by another encoder meanwhile: a hit
+                raced[key] = items[key]
+            except Exception as exc:  # noqa: BLE001
+                for i in items[key]:
+                    outcomes[i] = Outcome.failed(f"could not store the embeddings: {type(exc).__name__}: {exc}",
+                                                 ErrorKind.RECOVERABLE)
+        return raced
+
+    def _put(self, batch: list[Invocation], tensors: dict[str, Any], keys: list[str], pins: int,
+             items: dict[str, list[int]], outcomes: list[Outcome | None]) -> None:
         trace: list[Transfer] = []
-        refs = self.store.put_many([tensor.contiguous() for tensor in self._encode(list(items.values()))],
-                                   ttl=OUTPUT_TTL_S, trace=trace)
-        for (i, ref), transfer in zip(zip(items, refs, strict=True), trace, strict=True):
+        refs = self.store.put_many([tensors[key] for key in keys], pins=pins, ttl=CACHED_TTL_S, ids=keys, trace=trace)
+        for key, ref, transfer in zip(keys, refs, trace, strict=True):
+            self._served(batch, items[key], ref, transfer, outcomes)
+
+    def _served(self, batch: list[Invocation], indices: list[int], ref: TensorRef, transfer: Transfer,
+                outcomes: list[Outcome | None]) -> None:
+        """Items `indices` have the embeddings `ref`: the first one by `transfer` (its put here, or a
+        hit), the others by a hit."""
+        hit = transfer if transfer.op == HIT else dataclasses.replace(transfer, op=HIT, path=CACHE)
+        for n, i in enumerate(indices):
             # an interactive invocation's outcome keeps its tensor's transfer, for its deck
-            kept = (transfer.to_json(),) if batch[i].priority is Priority.INTERACTIVE else ()
+            kept = ((hit if n else transfer).to_json(),) if batch[i].priority is Priority.INTERACTIVE else ()
             outcomes[i] = Outcome(output={"embeddings": ref.model_dump(mode="json")}, transfers=kept)
-
-    def _one_by_one(self, batch: list[Invocation], items: dict[int, Any], outcomes: list[Outcome | None]) -> None:
-        """The batch failed: encode and store each item alone, so only the items at fault fail.
-
-        An item that cannot be encoded alone is its input's fault (a user error), unless none of
-        several could (the model, not the inputs: recoverable); one whose embeddings cannot be
-        stored met the sidecar's trouble (recoverable)."""
-        unencodable: list[tuple[int, str]] = []
-        for i, item in items.items():
-            try:
-                tensors = [tensor.contiguous() for tensor in self._encode([item])]
-            except Exception as exc:  # noqa: BLE001
-                unencodable.append((i, f"{type(exc).__name__}: {exc}"))
-                continue
-            try:
-                trace: list[Transfer] = []
-                (ref,) = self.store.put_many(tensors, ttl=OUTPUT_TTL_S, trace=trace)
-            except Exception as exc:  # noqa: BLE001
-                outcomes[i] = Outcome.failed(f"could not store the embeddings: {type(exc).__name__}: {exc}",
-                                             ErrorKind.RECOVERABLE)
-                continue
-            kept = (trace[0].to_json(),) if batch[i].priority is Priority.INTERACTIVE and trace else ()
-            outcomes[i] = Outcome(output={"embeddings": ref.model_dump(mode="json")}, transfers=kept)
-        kind = ErrorKind.RECOVERABLE if len(items) > 1 and len(unencodable) == len(items) else ErrorKind.USER
-        for i, error in unencodable:
-            what = f"image {self._reference(batch[i])[:200]!r}" if self.modality == "image" else "text"
-            outcomes[i] = Outcome.failed(f"cannot encode {what}: {error[:500]}", kind)
+        hits = len(indices) - (transfer.op != HIT)
+        self._cache.misses.inc(len(indices) - hits)
+        self._cache.hits.inc(hits)
+        self._cache.bytes_saved.inc(hits * ref.nbytes)
 
     def _reference(self, invocation: Invocation) -> str:
         return str(invocation.input.get("data", ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from flyte_cornserve.metrics import ExecutorMetrics
 from flyte_cornserve.protocol.invocations import Invocation, Outcome
 
 
@@ -20,6 +21,10 @@ class Handler(ABC):
     max_batch_size: int = 1
     max_wait_s: float = 0.0
     max_in_flight: int = 1
+
+    def instrument(self, metrics: ExecutorMetrics) -> None:
+        """Add this handler's own metrics to its executor's (`metrics.registry`, with `metrics.labels`).
+        The runtime calls it once, before `start()`."""
 
     async def start(self) -> None:
         """Load the model. Called once, before the first batch."""

@@ -67,6 +67,7 @@ class ExecutorRuntime:
         self.node = default_sidecar_id()  # the node it runs on, as its sidecar names it
         self.heartbeat_s = heartbeat_s
         self.metrics = ExecutorMetrics(deployment_id, self.executor_id)
+        handler.instrument(self.metrics)
         self.metrics_port = metrics_port  # None: an ephemeral port (the bound one once serving)
         self._metrics_server: MetricsServer | None = None
         self._metrics_name = f"executor:{self.executor_id}"  # its field in the metrics hash

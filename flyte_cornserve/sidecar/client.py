@@ -16,6 +16,10 @@ may `get` it before the producer has written it and is woken when it is ready. O
 node, `get` returns a view of the sidecar's shared memory (no copy); elsewhere, the consumer's own
 sidecar pulls the bytes from the producer's sidecar first, and the view is of that copy.
 
+Producers that derive ids from content compute each tensor once among them (single flight):
+`pin_many` finds those already put, `claim_many` elects one producer for each other id, and the
+others `wait_published` for its put, then pin it.
+
 A view from `get` is valid until you `release` it (for that, hold a pin: a CACHED tensor read
 without one may be evicted under the view), and must not be written to: other consumers may be
 reading the same bytes.
@@ -40,8 +44,8 @@ from .connections import ConnectionPool
 from .directory import Directory, Member, TensorEntry, default_sidecar_id
 from .errors import (
     ProducerSidecarDead,
-    SidecarError,
     SidecarUnavailable,
+    TensorIdTaken,
     TensorNotFound,
     TensorNotReady,
 )
@@ -49,22 +53,22 @@ from .errors import (
 DEFAULT_TTL_S = 600.0  # how long a CACHED tensor stays, unless its room is needed first
 DEFAULT_MAX_PINNED_S = 24 * 3600.0  # the orphan bound: a consumer that never comes cannot hold memory forever
 DEFAULT_TIMEOUT_S = 60.0
-WAIT_SLICE_S = 1.0  # a get waits for a tensor's publication in blocking Redis calls this long
+WAIT_SLICE_S = 1.0  # a wait for a tensor's publication blocks in Redis calls this long, under the socket timeout
 IO_TIMEOUT_S = 30.0  # on top of a request's own timeout, for the sidecar's reply
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """One tensor read or written, for the deck of the invocation that did it: which, how big, by
-    which path (this node's shared memory, or a copy pulled from another node's sidecar), how long
-    (a call for many tensors counts its whole time against each)."""
+    """One tensor read or written (or found), for the deck of the invocation that did it: which, how
+    big, by which path (this node's shared memory, a copy pulled from another node's sidecar, or the
+    cache), how long (a call for many tensors counts its whole time against each)."""
 
-    op: str  # "put" | "get"
+    op: str  # "put" | "get" | "hit" (an encoder's output found stored: pinned, not put)
     id: str
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
-    path: str  # "shared memory" | "cross-node from <sidecar id>"
+    path: str  # "shared memory" | "cross-node from <sidecar id>" | "cache" (a hit)
     seconds: float
     at: float  # epoch seconds, when the call began
 
@@ -159,20 +163,37 @@ class SidecarClient:
                 )))  # fmt: skip
             taken = [ref.id for ref, published in zip(refs, self.directory.publish_many(entries)) if not published]
             if taken:
-                raise SidecarError(f"tensor id {taken[0]!r} is already in use; ids must be unique while their tensors live")
+                raise TensorIdTaken(f"tensor id {taken[0]!r} is already in use; ids must be unique while their tensors live")
         except BaseException:
             for ref in refs:
                 self.directory.discard(ref.id, self.sidecar_id)
             raise
         return refs
 
-    def pin_many(self, ids: list[str], pins: int = 1) -> list[TensorRef | None]:
+    def pin_many(self, ids: list[str], pins: int | list[int] = 1) -> list[TensorRef | None]:
         """For each id whose tensor is in a live sidecar (PINNED or CACHED), add `pins` releases to
-        expect and return its ref; None where it is gone. A pinned tensor is not evicted: `get` it,
-        then `release` it once per pin. One round trip to Redis."""
-        if pins < 1:
-            raise ValueError(f"pins must be at least 1, got {pins}")
-        return self.directory.pin_many(ids, pins)
+        expect (a list: one count per id) and return its ref; None where it is gone. A pinned tensor
+        is not evicted: `get` it, then `release` it once per pin. One round trip to Redis."""
+        counts = pins if isinstance(pins, list) else [pins] * len(ids)
+        if len(counts) != len(ids) or any(count < 1 for count in counts):
+            raise ValueError(f"pins must be at least 1 for each of the {len(ids)} ids, got {pins}")
+        return self.directory.pin_many(ids, counts)
+
+    def claim_many(self, ids: list[str], claimer: str, ttl: float) -> list[bool]:
+        """Claim each id for a put by `claimer` (a name unique to one unit of work, e.g. a batch),
+        for `ttl` seconds (longer than computing its tensor takes): True where the claim is
+        `claimer`'s, False where another producer holds it (then `wait_published`, and pin). A
+        producer that dies loses its claims at their TTL. One round trip to Redis."""
+        return self.directory.claim_many(ids, claimer, ttl)
+
+    def unclaim_many(self, ids: list[str], claimer: str) -> None:
+        """Give up `claimer`'s claims on these ids (once their tensors are put, or failed). One round
+        trip to Redis."""
+        self.directory.unclaim_many(ids, claimer)
+
+    def wait_published(self, id: str, timeout: float) -> bool:
+        """Whether the tensor `id` is published (put), waiting up to `timeout` seconds for it."""
+        return self._published(id, time.monotonic() + timeout) is not None
 
     def get(self, ref: TensorRef | str, *, timeout: float = DEFAULT_TIMEOUT_S) -> torch.Tensor:
         """The tensor behind `ref` (or a bare id), waiting up to `timeout` for it to be written.
@@ -259,13 +280,18 @@ class SidecarClient:
             if ref.location and not self.directory.is_alive(ref.location):
                 raise ProducerSidecarDead(f"tensor {key!r}: its sidecar {ref.location!r} is not alive; the tensor is lost")
             raise TensorNotFound(f"tensor {key!r} is gone: evicted from its sidecar's cache, expired, or its sidecar restarted")
-        while True:  # a bare id, not published yet: wait for its publication
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TensorNotReady(f"tensor {key!r} was not written within {timeout:g} s")
+        published = self._published(key, deadline)  # a bare id, not published yet: wait for its publication
+        if published is None:
+            raise TensorNotReady(f"tensor {key!r} was not written within {timeout:g} s")
+        return published
+
+    def _published(self, key: str, deadline: float) -> TensorEntry | None:
+        """The tensor's entry once published, waiting until `deadline` in `WAIT_SLICE_S` slices; None if it was not."""
+        while (remaining := deadline - time.monotonic()) > 0:
             published = self.directory.wait_published(key, min(remaining, WAIT_SLICE_S))
             if published is not None:
                 return published
+        return None
 
     def _fetch(self, key: str, timeout: float) -> wire.Placement:
         placement = self._call(wire.FetchRequest(token=self.token, id=key, timeout=timeout), wire.Placement, timeout)

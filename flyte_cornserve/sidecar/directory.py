@@ -10,12 +10,15 @@ Keys, under a namespace (default `cornserve`):
 | `ns:discard:<sid>` | list | tensor keys whose put failed; the sidecar BLPOPs it and frees them |
 | `ns:entry:<key>` | hash, TTL = max_pinned + ttl + grace | the tensor: ref, holder, arena, offset, pins, ttl, max_pinned |
 | `ns:ready:<key>` | stream | the entry again, once published; consumers that came early block on it (XREAD) |
+| `ns:claim:<key>` | string, TTL = the claim's | who is computing the tensor for `key` now (its claimer), for single flight |
 
 A tensor is PINNED while `pins` > 0 (releases still expected) and CACHED at 0; both are readable.
 Its holder evicts a CACHED tensor (for room, or at its TTL) and frees a PINNED one only past
 `max_pinned` (an orphan). The Redis TTL of its keys outlives both bounds, so it only cleans up after
-a holder that died. A tensor is published only once its bytes are written. Every change that must
-be atomic (publish, release, pin, evict, forget) is one Lua script. Waiting is always a blocking
+a holder that died. A tensor is published only once its bytes are written. A producer that derives
+ids from content claims an id before computing its tensor, so that a concurrent producer of the same
+id waits for its publication instead of computing it too. Every change that must be atomic
+(publish, release, pin, evict, forget, claim) is one Lua script. Waiting is always a blocking
 Redis call (XREAD BLOCK, BLPOP), never a sleep.
 """
 
@@ -134,6 +137,18 @@ redis.call('PEXPIRE', KEYS[2], ms)
 return fields[3]
 """
 
+_CLAIM = """
+local claimer = redis.call('GET', KEYS[1])
+if claimer and claimer ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_UNCLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
 _EVICT = """
 if redis.call('HGET', KEYS[1], 'holder') == ARGV[2] and redis.call('HGET', KEYS[1], 'arena') == ARGV[3] then
   if tonumber(redis.call('HGET', KEYS[1], 'pins')) > 0 then return 0 end
@@ -164,6 +179,8 @@ class Directory:
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
         self._pin = client.register_script(_PIN)
+        self._claim = client.register_script(_CLAIM)
+        self._unclaim = client.register_script(_UNCLAIM)
         self._evict = client.register_script(_EVICT)
         self._forget = client.register_script(_FORGET)
 
@@ -291,15 +308,32 @@ class Directory:
             self._release(keys=[self._key("entry", key), self._key("released", holder)], args=[key, holder], client=pipe)
         return [int(left) for left in pipe.execute()]
 
-    def pin_many(self, keys: list[str], pins: int) -> list[TensorRef | None]:
-        """Add `pins` to each tensor that is in the directory (PINNED or CACHED) on a live holder, and
-        refresh its keys' Redis TTL; its ref, or None where it is not. One round trip, one script per key:
-        a pin and an eviction never interleave, so a pinned tensor is not evicted."""
+    def pin_many(self, keys: list[str], pins: list[int]) -> list[TensorRef | None]:
+        """Add `pins[i]` to the tensor of `keys[i]` if it is in the directory (PINNED or CACHED) on a
+        live holder, and refresh its keys' Redis TTL; its ref, or None where it is not. One round trip,
+        one script per key: a pin and an eviction never interleave, so a pinned tensor is not evicted."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key, count in zip(keys, pins, strict=True):
+            self._pin(keys=[self._key("entry", key), self._key("ready", key)],
+                      args=[self._key("sidecar", ""), count, REDIS_GRACE_S], client=pipe)
+        return [TensorRef.model_validate_json(ref) if ref else None for ref in pipe.execute()]
+
+    def claim_many(self, keys: list[str], claimer: str, ttl: float) -> list[bool]:
+        """Claim each key for `claimer` for `ttl` seconds: SET NX with that TTL, except that a claim
+        already `claimer`'s is renewed (a retried call whose reply was lost stays its). True where the
+        claim is `claimer`'s, False where another holds it. One round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
-            self._pin(keys=[self._key("entry", key), self._key("ready", key)],
-                      args=[self._key("sidecar", ""), pins, REDIS_GRACE_S], client=pipe)
-        return [TensorRef.model_validate_json(ref) if ref else None for ref in pipe.execute()]
+            self._claim(keys=[self._key("claim", key)], args=[claimer, max(1, int(ttl * 1000))], client=pipe)
+        return [bool(won) for won in pipe.execute()]
+
+    def unclaim_many(self, keys: list[str], claimer: str) -> None:
+        """Delete the claims of `claimer` on these keys; another's (it took an expired one over) stays.
+        One round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            self._unclaim(keys=[self._key("claim", key)], args=[claimer], client=pipe)
+        pipe.execute()
 
     def evict(self, key: str, holder: str, arena: str) -> bool:
         """Remove a CACHED tensor that `holder` evicts from `arena`; False (nothing changed) if it is

@@ -56,9 +56,16 @@ class SidecarUnavailable(SidecarError, ConnectionError):
     code = 8
 
 
+class TensorIdTaken(SidecarError):
+    """A put under an id that a live tensor already has. For a content-addressed id, the tensor is
+    the one the put would have made: a producer that raced another one for it."""
+
+    code = 9
+
+
 _BY_CODE = {cls.code: cls for cls in (
     SidecarError, ProtocolError, AuthenticationError, TensorNotFound, TensorNotReady,
-    ProducerSidecarDead, MemoryCapExceeded, SidecarUnavailable,
+    ProducerSidecarDead, MemoryCapExceeded, SidecarUnavailable, TensorIdTaken,
 )}  # fmt: skip
 
 

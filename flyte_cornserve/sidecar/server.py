@@ -47,6 +47,7 @@ from .errors import (
     ProducerSidecarDead,
     ProtocolError,
     SidecarError,
+    TensorIdTaken,
     TensorNotFound,
 )
 from . import wire
@@ -327,7 +328,7 @@ class SidecarServer:
             while True:
                 with self._lock:
                     if key in self._holdings:
-                        raise SidecarError(f"tensor id {key!r} is already in use; ids must be unique while their tensors live")
+                        raise TensorIdTaken(f"tensor id {key!r} is already in use; ids must be unique while their tensors live")
                     offset = self._allocator.allocate(nbytes)
                     if offset is not None:
                         self._holdings[key] = holding = _Holding(offset, nbytes, size, ttl, max_pinned)

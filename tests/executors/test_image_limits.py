@@ -61,7 +61,7 @@ def test_decode_image_refuses_a_bomb_without_decoding_it(tmp_path, width, height
     path.write_bytes(claiming(width, height))
     assert path.stat().st_size < 100
     with pytest.raises(BadItem) as raised:
-        decode_image(str(path))
+        decode_image(path.read_bytes(), str(path))
     message = str(raised.value)
     assert raised.value.kind is ErrorKind.USER
     assert str(path) in message and "too large" in message, message

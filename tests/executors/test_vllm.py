@@ -188,7 +188,8 @@ def test_an_invocation_ended_while_generating_is_aborted_and_the_engine_keeps_se
 def test_an_embedding_outlives_a_recoverable_failure_so_the_retry_reads_it(services, sidecar_client, redis_url):
     """Regression: the executor released an invocation's embeddings whatever its outcome, so the retry
     of an LLM call that timed out found its embedding gone (TensorNotFound). A recoverable failure
-    now leaves its pin; the outcome that is final (the text) releases it."""
+    now leaves its pin; the outcome that is final (the text) releases it, and the embedding stays
+    readable as cache (CACHED, no pins)."""
     rng = random.Random(5)
 
     async def scenario():
@@ -201,14 +202,15 @@ def test_an_embedding_outlives_a_recoverable_failure_so_the_retry_reads_it(servi
         await reached(store, first, State.RUNNING)
         assert await store.time_out(first, 1)  # the first attempt fails, recoverably, while generating
         retry = await store.wait(await store.submit(LLM.deployment_id(), llm_payload(PROMPT, embeddings)), 120)
-        return await store.record(first), retry, embeddings[0]["id"]
+        again = await store.wait(await store.submit(LLM.deployment_id(), llm_payload(PROMPT, embeddings)), 120)
+        return await store.record(first), retry, again, embeddings[0]["id"]
 
-    first, retry, embedding = run(scenario())
+    first, retry, again, embedding = run(scenario())
     assert first.state == State.ERROR and first.error_kind == ErrorKind.RECOVERABLE
     assert retry.state == State.DONE and retry.output["text"], retry.error
-    # the retry's outcome was final: it released the embedding's one pin (CACHED, or evicted already)
-    entry = sidecar_client.directory.entry(embedding)
-    assert entry is None or entry.pins == 0, entry
+    # the retry's outcome was final: it released the embedding's one pin, which leaves it as cache
+    assert sidecar_client.directory.entry(embedding).pins == 0
+    assert again.state == State.DONE and again.output["text"] == retry.output["text"], again.error
 
 
 def test_interactive_work_is_served_before_queued_batch_work(services, redis_url):

@@ -34,7 +34,7 @@ from flyte_cornserve.task import Resources
 from ..connector import ConnectorProcess, outputs_at
 from ..html_deck import parse, read_deck
 from ..media_servers import S3Server
-from ..stack import Stack
+from ..stack import Stack, new_image
 
 IMAGE = os.path.join(os.path.dirname(__file__), "..", "..", "workflows", "images", "blue-circle-on-yellow.png")
 ENCODER = EncoderTask(model_id="tiny-llava")
@@ -87,7 +87,8 @@ def until_terminal(stub, meta: bytes, timeout_s: float = 300.0):
 
 def test_encoder_then_llm_through_grpc_passing_the_tensor_ref(connector, tmp_path) -> None:
     n0, n1 = tmp_path / "n0", tmp_path / "n1"
-    encoded, phases = until_terminal(connector, create(connector, ENCODER, {"data": IMAGE}, {"data": str}, n0))
+    image = str(new_image(IMAGE, tmp_path))  # a put, not a hit of an earlier test's: its deck shows it
+    encoded, phases = until_terminal(connector, create(connector, ENCODER, {"data": image}, {"data": str}, n0))
     assert encoded.phase == TaskExecution.SUCCEEDED, encoded.message
     assert phases[-1] == TaskExecution.SUCCEEDED and set(phases) <= {TaskExecution.QUEUED, TaskExecution.RUNNING,
                                                                       TaskExecution.SUCCEEDED}

@@ -33,7 +33,7 @@ from flyte_cornserve.task import TensorRef
 from tests.processes import Sidecars
 
 from ..scrape import eventually, exported_names, scrape, series
-from ..stack import Stack
+from ..stack import Stack, new_image
 
 PROJECT = pathlib.Path(__file__).resolve().parents[2]
 IMAGE = str(PROJECT / "workflows" / "images" / "blue-circle-on-yellow.png")
@@ -64,9 +64,11 @@ def executor_of(stack: Stack, deployment_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def captioned(stack: Stack) -> dict:
+def captioned(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One caption through the stack (an encoder invocation, then an LLM one), with every process's
-    metrics scraped before and after it."""
+    metrics scraped before and after it. Its image is new to the stack: its embeddings are put, not
+    found in the cache."""
+    image = new_image(IMAGE, tmp_path_factory.mktemp("caption"))
     async def deploy() -> None:
         dispatcher = Dispatcher(stack.client())
         await asyncio.gather(dispatcher.deploy(CAPTION.encoder), dispatcher.deploy(CAPTION.llm))
@@ -82,7 +84,7 @@ def captioned(stack: Stack) -> dict:
     session_url = os.environ.get(ENV_URL)
     os.environ[ENV_URL] = stack.url  # the local run goes to the session's stack
     try:
-        text = caption(image=IMAGE)
+        text = caption(image=str(image))
     finally:
         if session_url is None:
             del os.environ[ENV_URL]
@@ -133,6 +135,10 @@ def test_each_executor_counts_its_invocation_once(captioned: dict, process: str)
     assert delta(captioned, process, after, series("cornserve_executor_run_seconds_count", **ids)) == 1
     assert delta(captioned, process, after, series("cornserve_executor_queue_wait_seconds_count", **ids)) == 1
     assert delta(captioned, process, after, series("cornserve_executor_batch_size_count", **ids)) == 1
+    if process == "encoder":  # a new image: encoded and put
+        lookups = {result: delta(captioned, process, after, series("cornserve_tensor_cache_lookups_total", **ids,
+                                                                   result=result)) for result in ("hit", "miss")}
+        assert lookups == {"hit": 0, "miss": 1}
 
 
 def test_the_sidecar_counts_the_embedding_put(captioned: dict) -> None:

@@ -229,7 +229,7 @@ def test_pyflyte_run_prints_a_caption(stack: Stack) -> None:
         deck = read_deck(pathlib.Path(uri.removeprefix("file://")))
         assert deck.root.find_all("h1")[0].text().strip() == title
         assert [row[1] for row in deck.rows("timeline", "event")] == ["CREATED", "QUEUED", "RUNNING", "DONE"]
-        assert len(deck.rows("tensors", "tensor")) == 1  # the embedding: written by one, read by the other
+        assert len(deck.rows("tensors", "tensor")) == 1  # the embedding: put (or found: a hit) by one, read by the other
 
 
 def test_status_shows_deployments_executors_and_recent_invocations(stack: Stack) -> None:

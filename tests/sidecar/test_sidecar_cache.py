@@ -1,6 +1,8 @@
 """The one lifetime model: PINNED -> CACHED -> evicted. A full sidecar evicts unpinned tensors least
 recently released first instead of making puts wait, never evicts a pinned one, and keeps its memory
-and the Redis directory in agreement; a pin from a hit protects a CACHED tensor again."""
+and the Redis directory in agreement; a pin from a hit protects a CACHED tensor again. For producers
+of content-addressed ids: a pin count per id, claims that elect one producer per id, and a put under
+an id already taken that says so (`TensorIdTaken`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 from flyte_cornserve.sidecar.allocator import ExtentAllocator
-from flyte_cornserve.sidecar.errors import MemoryCapExceeded, TensorNotFound
+from flyte_cornserve.sidecar.errors import MemoryCapExceeded, TensorIdTaken, TensorNotFound
 
 KiB = 1024
 
@@ -124,3 +126,28 @@ def test_extra_releases_never_take_pins_below_zero(sidecars) -> None:
     client.release_many([ref, ref])
     assert sidecars.directory.entry(ref.id).pins == 0
     assert torch.equal(client.get(ref), tensor(4, 1))  # CACHED, still readable
+
+
+def test_pins_are_counted_per_id_and_a_taken_id_is_refused_by_its_kind(sidecars) -> None:
+    client = sidecars.client(sidecars.start())
+    a, b = client.put(tensor(4, 1), pins=0), client.put(tensor(4, 2), pins=0)
+    assert client.pin_many([a.id, "never-put", b.id], [2, 1, 3]) == [a, None, b]
+    assert (sidecars.directory.entry(a.id).pins, sidecars.directory.entry(b.id).pins) == (2, 3)
+    with pytest.raises(ValueError, match="at least 1"):
+        client.pin_many([a.id, b.id], [1])
+    with pytest.raises(TensorIdTaken, match="already in use"):  # refused by the sidecar, carried by its code
+        client.put(tensor(4, 3), id=a.id)
+    assert torch.equal(client.get(a), tensor(4, 1))
+
+
+def test_a_claim_is_its_claimers_until_given_up_or_expired(sidecars, wait_until) -> None:
+    client = sidecars.client(sidecars.start())
+    assert client.claim_many(["x", "y"], "first", ttl=60) == [True, True]
+    assert client.claim_many(["x"], "first", ttl=60) == [True]  # its own again (a retried call): still its
+    assert client.claim_many(["x", "y", "z"], "second", ttl=60) == [False, False, True]
+    client.unclaim_many(["x", "z"], "second")  # gives up z; x is not its to give up
+    assert client.claim_many(["x", "z"], "third", ttl=60) == [False, True]
+    client.unclaim_many(["x"], "first")
+    assert client.claim_many(["x"], "third", ttl=60) == [True]
+    assert client.claim_many(["w"], "died", ttl=0.2) == [True]
+    wait_until(lambda: client.claim_many(["w"], "alive", ttl=60) == [True], "the claim of one that died to expire")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flyte_cornserve.sidecar.errors import SidecarError
+from flyte_cornserve.sidecar.errors import TensorIdTaken
 
 
 def break_held_set(sidecars, sidecar_id: str, *must_exist: str) -> None:
@@ -69,7 +69,7 @@ def test_a_duplicate_id_on_another_node_fails_and_leaves_the_original_intact(sid
     original = torch.arange(256, dtype=torch.int32)
     ref = a.put(original, id="shared-id", pins=2, ttl=0)
     b_baseline = b.stats()
-    with pytest.raises(SidecarError, match="'shared-id' is already in use"):
+    with pytest.raises(TensorIdTaken, match="'shared-id' is already in use"):
         b.put_many([torch.zeros(512, dtype=torch.int32), torch.ones(8)], ids=["shared-id", "fresh-id"])
     wait_until(lambda: b.stats().used == b_baseline.used, "node B to free what it placed for the refused put")
     entry = sidecars.directory.entry("shared-id")
