@@ -161,19 +161,27 @@ class SidecarServer:
         self._tcp.shutdown()
 
     def _close(self) -> None:
+        """The arena file goes first: what follows talks to Redis, which may be gone too (an embedded
+        Redis dies with the control plane that also stops this sidecar), and its retries may outlast
+        the grace a stopping stack gives. Mappings of the arena stay valid until their owners unmap."""
         self._tcp.server_close()
+        if self.arena is not None:
+            self.arena.unlink()
         for pool in list(self._peers.values()):
             pool.close()
         with self._lock:
             keys = list(self._holdings)
-        for key in keys:
-            self._free(key)
-        if self._metrics_server is not None:
-            prom.withdraw_sync(self.directory.redis, f"sidecar:{self.config.sidecar_id}", self.directory.metrics_key)
-            self._metrics_server.close()
-        self.directory.deregister(self.member)
-        if self.arena is not None:
-            self.arena.unlink()
+        try:
+            for key in keys:
+                self._free(key)
+            if self._metrics_server is not None:
+                prom.withdraw_sync(self.directory.redis, f"sidecar:{self.config.sidecar_id}", self.directory.metrics_key)
+            self.directory.deregister(self.member)
+        except redis.RedisError as exc:  # its keys expire with its heartbeat: readers see it dead
+            log.warning("could not leave the directory on shutdown (%s); its entries expire by themselves", exc)
+        finally:
+            if self._metrics_server is not None:
+                self._metrics_server.close()
 
     # --- requests --------------------------------------------------------------------------------
 

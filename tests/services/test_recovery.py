@@ -48,6 +48,12 @@ def sidecar_pid(client: redis.Redis) -> int:
     return int(client.hget(f"cornserve:sidecar:{sidecar_id}", "pid"))
 
 
+def sidecar_arena(client: redis.Redis) -> pathlib.Path:
+    (sidecar_id,) = json.loads(client.get("cornserve:control-plane"))["sidecars"].values()
+    member = {k.decode(): v.decode() for k, v in client.hgetall(f"cornserve:sidecar:{sidecar_id}").items()}
+    return pathlib.Path(member["shm_dir"]) / member["arena"]
+
+
 def kill_leftovers(pids: list[int]) -> None:
     """A failing test must not leave processes behind (only the ones this test looked up)."""
     for pid in pids:
@@ -65,11 +71,13 @@ def test_a_killed_control_plane_takes_its_sidecar_executors_and_redis_with_it(ho
     client = redis.Redis.from_url(state["redis_url"])
     pids = {"control plane": state["pid"], "executor": executor_pid(client, task.deployment_id()),
             "sidecar": sidecar_pid(client), "redis": int(client.info("server")["process_id"])}
+    arena = sidecar_arena(client)
     client.close()
     try:
         os.kill(state["pid"], signal.SIGKILL)
         survivors = [name for name, pid in pids.items() if not wait_for_exit(pid, 30.0)]
         assert not survivors, f"still running after the control plane was killed: {survivors}"
+        assert not arena.exists(), f"the sidecar's arena {arena} was left in shared memory"
     finally:
         kill_leftovers(list(pids.values()))
 
