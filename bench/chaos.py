@@ -276,7 +276,7 @@ class RepeatedKills(threading.Thread):
             client.close()
 
     def _running(self, client: redis.Redis) -> list[tuple[str, str, list]]:
-        """(invocation, executor, [[item, node, attempt], ...]) of the batch's invocations RUNNING now."""
+        """(invocation, executor, [[item, node, attempt, slot], ...]) of the batch's invocations RUNNING now."""
         inflight = {k.decode(): json.loads(v) for k, v in client.hgetall(batch_key(self.batch, "inflight")).items()}
         pipe = client.pipeline(transaction=False)
         for invocation in inflight:
@@ -299,7 +299,7 @@ class RepeatedKills(threading.Thread):
         for invocation, executor, triples in self._running(client):
             if executor in self.killed or invocation in self.hit_invocations:
                 continue
-            if fresh or any(chased.get(i) == attempt - 1 for i, _, attempt in triples):
+            if fresh or any(chased.get(i) == attempt - 1 for i, _, attempt, *_ in triples):
                 return executor
         return None
 
@@ -316,7 +316,7 @@ class RepeatedKills(threading.Thread):
         for invocation, on, triples in self._running(client):
             if on == executor:
                 self.hit_invocations.append(invocation)
-                for i, _, attempt in triples:
+                for i, _, attempt, *_ in triples:
                     if attempt > self.hits.get(i, 0):
                         self.hits[i], self.last_hit[i] = attempt, invocation
 

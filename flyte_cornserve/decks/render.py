@@ -88,7 +88,7 @@ def _dur(seconds: float | None) -> str:
     return f"{_ms(seconds)} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
     """`147.5 KiB`: binary units, one decimal; under 1 KiB in bytes."""
     if n < 1024:
         return f"{n} B"
@@ -347,7 +347,7 @@ def _attempts_table(inv: InvocationView | None) -> str:
 def _tensors_table(view: UnitNodeView) -> str:
     rows = [[t.op, _td(t.tensor_id[:8], title=t.tensor_id),
              "×".join(str(d) for d in t.shape) or "scalar", t.dtype,
-             _td(_bytes(t.nbytes), data_bytes=t.nbytes, title=f"{t.nbytes} bytes"), t.path,
+             _td(format_bytes(t.nbytes), data_bytes=t.nbytes, title=f"{t.nbytes} bytes"), t.path,
              _td(_ms(t.seconds), data_seconds=t.seconds)]
             for inv in view.invocations for t in inv.transfers]
     return _table("tensors", ["op", "tensor", "shape", "dtype", "bytes", "path", "ms"], rows,

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from flyte_cornserve.task import Resources, TaskIO, UnitTask
+from flyte_cornserve.task import Resources, TaskIO, TensorRef, UnitTask
 
 TaskT = TypeVar("TaskT", bound=UnitTask)
 
@@ -43,6 +43,17 @@ class TaskExecutionDescriptor(BaseModel, Generic[TaskT]):
         """The executor's JSON reply as the task's output model (validated)."""
         _, output_model = self.task.io_models()
         return output_model.model_validate(response)
+
+    def input_content(self, request: TaskIO) -> bytes | str | None:
+        """For a task whose output is one content-addressed tensor (`protocol.content`): what that
+        output depends on besides the deployment, as the input's content (bytes) or the reference
+        its executor reads the content from (str). None (the default): not content-addressed; the
+        batch runner then neither looks its outputs up nor joins equal inputs."""
+        return None
+
+    def response_for(self, ref: TensorRef) -> dict[str, Any]:
+        """The executor's reply (JSON) for a content-addressed output found stored (`input_content`)."""
+        raise NotImplementedError(f"{type(self).__name__} is not content-addressed")
 
     def spec(self) -> dict[str, Any]:
         """What a deployment needs to know, as plain JSON."""

@@ -1,14 +1,10 @@
-"""Content-addressed ids of encoder outputs: the same input to the same encoder gets the same id, so
-an output already in a sidecar is found again (a hit) instead of being encoded again.
+"""The output identity of an encoder deployment: the half of a content-addressed id
+(`protocol.content.content_id`) that says which computation made it.
 
-An id hashes two things. The deployment's *output identity*: what changes the embeddings (the model
-id, the modality, the model's revision, the versions of the code that computes them), never
-resources or options, so deployments that differ only in those share their outputs. And the
-*content* of the input: the image bytes the executor fetched, never its path or URL (a copy under
-another name, or the same image as a data: URL, is a hit), or the text's UTF-8 bytes.
-
-The hash is xxh3-128: fast, and accidental collisions are negligible; it is not cryptographic, so it
-does not stand against collisions crafted by someone who submits inputs to the same deployment.
+It covers what changes the embeddings (the model id, the modality, the model's revision, the
+versions of the code that computes them), never resources or options, so deployments that differ
+only in those share their outputs. The other half, the input's content digest, never its path or
+URL, makes a copy under another name, or the same image as a data: URL, a hit.
 """
 
 from __future__ import annotations
@@ -58,8 +54,3 @@ def output_identity(model_id: str, modality: str, model_dir: pathlib.Path, encod
     return json.dumps({"model": model_id, "modality": modality, "revision": model_revision(model_dir),
                        "encoder": encoder_version, "torch": torch.__version__,
                        "transformers": transformers.__version__}, sort_keys=True)
-
-
-def content_id(identity: str, content: bytes) -> str:
-    """The id of the output of the deployment with `identity` for an input whose content is `content`."""
-    return "emb-" + xxhash.xxh3_128_hexdigest(f"{identity}\0{xxhash.xxh3_128_hexdigest(content)}".encode())

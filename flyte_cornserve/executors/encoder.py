@@ -20,11 +20,14 @@ import io
 import os
 import pathlib
 import re
+import logging
 import socket
+import threading
 import time
 import uuid
 from typing import Any, Protocol
 
+import redis
 from pydantic import ValidationError
 
 from flyte_cornserve.descriptors import TaskExecutionDescriptor
@@ -36,9 +39,14 @@ from flyte_cornserve.sidecar.client import Transfer
 from flyte_cornserve.sidecar.errors import TensorIdTaken
 from flyte_cornserve.task import TensorRef
 
-from .content_ids import content_id, output_identity
+from flyte_cornserve import redis_server
+from flyte_cornserve.protocol.content import content_digest, content_id, count_lookups, tensor_source
+
+from .content_ids import output_identity
 from .handler import Handler
 from .media import MediaError, read_bytes
+
+log = logging.getLogger(__name__)
 
 #: Part of the outputs' identity: bump it with any change here that changes the embeddings of the
 #: same model and input, so that outputs computed before are not found again.
@@ -55,6 +63,9 @@ CLAIM_TTL_S = 10.0
 
 #: How long a batch waits for another encoder's output before it looks again (stored? claim gone?).
 WAIT_SLICE_S = 1.0
+
+#: Marks the items whose task turned the tensor cache off (`TaskOptions.tensor_cache`): no content id.
+UNCACHED = "~"
 
 #: The `op` and `path` of an item's transfer (in its deck) when its embeddings were found stored, not put.
 HIT, CACHE = "hit", "cache"
@@ -141,21 +152,29 @@ class EncoderHandler(Handler):
         self.modality: str = args["modality"]
         self.input_model, _ = descriptor.task.io_models()
         self.store = store
-        self._identity = ""  # the outputs' identity (`content_ids.output_identity`), once started
+        self._producer = descriptor.task.compact_json()  # what its outputs' refs name as their producer
+        self.deployment_id = descriptor.task.deployment_id()
         self._encode = None
         self._cache: TensorCacheMetrics | None = None
+        self._counted = threading.local()  # this thread's batch: [hits, misses, bytes saved]
+        self._redis: redis.Redis | None = None  # where the deployment's lookups are counted
 
     def instrument(self, metrics: ExecutorMetrics) -> None:
         self._cache = TensorCacheMetrics(metrics)
 
     async def start(self) -> None:
+        self._redis = redis_server.connect()
         self._encode = await asyncio.to_thread(self._load)
+
+    async def stop(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
 
     def _load(self):
         """Phases: building the model (a tiny one, on first use), loading weights. No warm-up: the
         first encode costs a few milliseconds more than the next ones, not worth a phase."""
         path = resolve_model(self.model_id)
-        self._identity = output_identity(self.model_id, self.modality, path, ENCODER_VERSION)
+        self.output_identity = output_identity(self.model_id, self.modality, path, ENCODER_VERSION)
         with phase(LOADING_WEIGHTS):
             import torch
             from transformers import AutoConfig
@@ -176,7 +195,26 @@ class EncoderHandler(Handler):
         return await asyncio.to_thread(self._handle, batch)  # fetching, hashing, decoding, encoding: off the loop
 
     def _handle(self, batch: list[Invocation]) -> list[Outcome]:
+        self._counted.items = [0, 0, 0]
+        try:
+            return self._handle_counted(batch)
+        finally:
+            self._publish_counts(*self._counted.items)
+
+    def _publish_counts(self, hits: int, misses: int, bytes_saved: int) -> None:
+        """Add the batch's lookups to the deployment's counts in Redis (`cornserve status`)."""
+        if not (hits or misses):
+            return
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                count_lookups(pipe, self.deployment_id, hits, misses, bytes_saved)
+                pipe.execute()
+        except redis.RedisError as exc:  # counts are for people; the outcomes stand
+            log.warning("could not count %d hits and %d misses: %s", hits, misses, exc)
+
+    def _handle_counted(self, batch: list[Invocation]) -> list[Outcome]:
         contents: dict[int, bytes] = {}
+        digests: dict[int, str] = {}
         outcomes: list[Outcome | None] = [None] * len(batch)
         for i, invocation in enumerate(batch):
             try:
@@ -186,9 +224,11 @@ class EncoderHandler(Handler):
                 outcomes[i] = Outcome.failed(f"invalid input: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
             except BadItem as exc:
                 outcomes[i] = Outcome.failed(str(exc), exc.kind)
-        todo: dict[str, list[int]] = {}  # content id -> the items that have it
+        todo: dict[str, list[int]] = {}  # content id (or UNCACHED + index) -> the items that have it
         for i, content in contents.items():
-            todo.setdefault(content_id(self._identity, content), []).append(i)
+            digests[i] = content_digest(content)
+            key = content_id(self.output_identity, digests[i]) if batch[i].tensors.cache else f"{UNCACHED}{i}"
+            todo.setdefault(key, []).append(i)
         claimer = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  # this batch, in its claims
         try:
             while todo:
@@ -198,34 +238,51 @@ class EncoderHandler(Handler):
                 if outcome is None:
                     outcomes[i] = Outcome.failed(f"could not look the embeddings up: {type(exc).__name__}: {exc}",
                                                  ErrorKind.RECOVERABLE)
-        return outcomes  # type: ignore[return-value]
+        return [self._with_source(outcome, batch[i], digests.get(i)) for i, outcome in enumerate(outcomes)]
+
+    def _with_source(self, outcome: Outcome, invocation: Invocation, digest: str | None) -> Outcome:
+        """The outcome, its ref saying how to compute it again from this item's own input."""
+        if outcome.output is None or digest is None:
+            return outcome
+        reference = self._reference(invocation) if self.modality == "image" else None
+        ref = dict(outcome.output["embeddings"], source=tensor_source(self._producer, reference, digest))
+        return dataclasses.replace(outcome, output={"embeddings": TensorRef.model_validate(ref).model_dump(mode="json")})
 
     def _serve(self, batch: list[Invocation], contents: dict[int, bytes], todo: dict[str, list[int]],
                outcomes: list[Outcome | None], claimer: str) -> dict[str, list[int]]:
-        """Serve the ids that can be served now: those stored (hits) and those this batch claims
-        (encoded and stored here). Returns the others: claimed by another encoder (once waited a
-        while for one of them), or stored by another one meanwhile (hits next time)."""
+        """Serve the ids that can be served now: those stored (hits), those this batch claims
+        (encoded and stored here) and the items whose task turned the cache off (encoded, stored
+        under a fresh id). Returns the others: claimed by another encoder (once waited a while for
+        one of them), or stored by another one meanwhile (hits next time)."""
+        mine = {key: todo.pop(key) for key in [key for key in todo if key.startswith(UNCACHED)]}
         ids = list(todo)
-        began, clock = time.time(), time.perf_counter()
-        found = self.store.pin_many(ids, [len(todo[key]) for key in ids])
-        seconds = time.perf_counter() - clock
-        for key, ref in zip(ids, found, strict=True):
-            if ref is not None:
-                hit = Transfer(HIT, ref.id, tuple(ref.shape), ref.dtype, ref.nbytes, CACHE, seconds, began)
-                self._served(batch, todo.pop(key), ref, hit, outcomes)
-        if not todo:
-            return todo
+        if ids:
+            began, clock = time.time(), time.perf_counter()
+            found = self.store.pin_many(ids, [self._pins(batch, todo[key]) for key in ids])
+            seconds = time.perf_counter() - clock
+            for key, ref in zip(ids, found, strict=True):
+                if ref is not None:
+                    hit = Transfer(HIT, ref.id, tuple(ref.shape), ref.dtype, ref.nbytes, CACHE, seconds, began)
+                    self._served(batch, todo.pop(key), ref, hit, outcomes)
         ids = list(todo)
-        mine = {key: todo.pop(key) for key, won in zip(ids, self.store.claim_many(ids, claimer, CLAIM_TTL_S),
-                                                       strict=True) if won}
+        if ids:
+            mine |= {key: todo.pop(key) for key, won in zip(ids, self.store.claim_many(ids, claimer, CLAIM_TTL_S),
+                                                            strict=True) if won}
         if mine:
+            claimed = [key for key in mine if not key.startswith(UNCACHED)]
             try:
                 todo.update(self._encode_and_store(batch, contents, mine, outcomes))
             finally:
-                self.store.unclaim_many(list(mine), claimer)
+                if claimed:
+                    self.store.unclaim_many(claimed, claimer)
         elif todo:
             self.store.wait_published(next(iter(todo)), WAIT_SLICE_S)
         return todo
+
+    @staticmethod
+    def _pins(batch: list[Invocation], indices: list[int]) -> int:
+        """The pins one tensor gets for these items: each item's consumers."""
+        return sum(batch[i].pins for i in indices)
 
     def _encode_and_store(self, batch: list[Invocation], contents: dict[int, bytes], mine: dict[str, list[int]],
                           outcomes: list[Outcome | None]) -> dict[str, list[int]]:
@@ -278,26 +335,35 @@ class EncoderHandler(Handler):
 
     def _store(self, batch: list[Invocation], tensors: dict[str, Any], items: dict[str, list[int]],
                outcomes: list[Outcome | None]) -> dict[str, list[int]]:
-        """Put each tensor under its id, pinned once per item (one `put_many` per pin count); a put
-        that fails is tried again tensor by tensor, so only the tensors at fault fail (their sidecar's
-        trouble: recoverable). Returns the ids whose tensor another encoder had put first."""
-        by_pins: dict[int, list[str]] = {}
+        """Put each tensor under its id, pinned once per consumer of its items (one `put_many` per
+        pin count and TTL); a put that fails is tried again tensor by tensor, so only the tensors at
+        fault fail (their sidecar's trouble: recoverable). Returns the ids whose tensor another
+        encoder had put first."""
+        groups: dict[tuple[int, float], list[str]] = {}
         for key in tensors:
-            by_pins.setdefault(len(items[key]), []).append(key)
+            groups.setdefault((self._pins(batch, items[key]), self._ttl(batch, key, items[key])), []).append(key)
         raced: dict[str, list[int]] = {}
-        for pins, keys in by_pins.items():
+        for (pins, ttl), keys in groups.items():
             try:
-                self._put(batch, tensors, keys, pins, items, outcomes)
+                self._put(batch, tensors, keys, pins, ttl, items, outcomes)
             except Exception:  # noqa: BLE001  one at fault must not fail the others: each alone, then
-                raced |= self._put_one_by_one(batch, tensors, keys, pins, items, outcomes)
+                raced |= self._put_one_by_one(batch, tensors, keys, pins, ttl, items, outcomes)
         return raced
 
+    @staticmethod
+    def _ttl(batch: list[Invocation], key: str, indices: list[int]) -> float:
+        """How long the tensor stays as cache once released: the longest its items' tasks ask for;
+        none for a fresh id that consumers will release (nobody else can look it up)."""
+        if key.startswith(UNCACHED) and any(batch[i].pins for i in indices):
+            return 0.0
+        return max(CACHED_TTL_S if batch[i].tensors.ttl_s is None else batch[i].tensors.ttl_s for i in indices)
+
     def _put_one_by_one(self, batch: list[Invocation], tensors: dict[str, Any], keys: list[str], pins: int,
-                        items: dict[str, list[int]], outcomes: list[Outcome | None]) -> dict[str, list[int]]:
+                        ttl: float, items: dict[str, list[int]], outcomes: list[Outcome | None]) -> dict[str, list[int]]:
         raced: dict[str, list[int]] = {}
         for key in keys:
             try:
-                self._put(batch, tensors, [key], pins, items, outcomes)
+                self._put(batch, tensors, [key], pins, ttl, items, outcomes)
             except TensorIdTaken:  # the same content, put by another encoder meanwhile: a hit
                 raced[key] = items[key]
             except Exception as exc:  # noqa: BLE001
@@ -306,10 +372,11 @@ class EncoderHandler(Handler):
                                                  ErrorKind.RECOVERABLE)
         return raced
 
-    def _put(self, batch: list[Invocation], tensors: dict[str, Any], keys: list[str], pins: int,
+    def _put(self, batch: list[Invocation], tensors: dict[str, Any], keys: list[str], pins: int, ttl: float,
              items: dict[str, list[int]], outcomes: list[Outcome | None]) -> None:
         trace: list[Transfer] = []
-        refs = self.store.put_many([tensors[key] for key in keys], pins=pins, ttl=CACHED_TTL_S, ids=keys, trace=trace)
+        ids = [None if key.startswith(UNCACHED) else key for key in keys]
+        refs = self.store.put_many([tensors[key] for key in keys], pins=pins, ttl=ttl, ids=ids, trace=trace)
         for key, ref, transfer in zip(keys, refs, trace, strict=True):
             self._served(batch, items[key], ref, transfer, outcomes)
 
@@ -326,6 +393,8 @@ class EncoderHandler(Handler):
         self._cache.misses.inc(len(indices) - hits)
         self._cache.hits.inc(hits)
         self._cache.bytes_saved.inc(hits * ref.nbytes)
+        counted = self._counted.items
+        counted[0], counted[1], counted[2] = counted[0] + hits, counted[1] + len(indices) - hits, counted[2] + hits * ref.nbytes
 
     def _reference(self, invocation: Invocation) -> str:
         return str(invocation.input.get("data", ""))

@@ -21,6 +21,10 @@ class Handler(ABC):
     max_batch_size: int = 1
     max_wait_s: float = 0.0
     max_in_flight: int = 1
+    #: for a handler whose outputs are content-addressed, their output identity
+    #: (`protocol.content`), once started: its executor's heartbeat publishes it, so that the
+    #: submitting side can compute the ids of outputs and look them up before queueing work
+    output_identity: str = ""
 
     def instrument(self, metrics: ExecutorMetrics) -> None:
         """Add this handler's own metrics to its executor's (`metrics.registry`, with `metrics.labels`).

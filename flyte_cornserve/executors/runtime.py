@@ -482,7 +482,8 @@ class ExecutorRuntime:
                 log.exception("handler failed to abort %s", running)
 
     async def _heartbeat_once(self) -> None:
-        info = {"deployment_id": self.deployment_id, "pid": os.getpid(), "host": socket.gethostname()}
+        info = {"deployment_id": self.deployment_id, "pid": os.getpid(), "host": socket.gethostname(),
+                "output_identity": self.handler.output_identity}
         await self.redis.set(executor_key(self.executor_id), json.dumps(info), px=int(self.heartbeat_s * 3000))
         self.metrics.queue_depth.set(await self.store.queue_depth(self.deployment_id))
         if self._metrics_server is not None:  # again each beat: an entry outlives a Redis restart

@@ -96,6 +96,10 @@ class VLLMHandler(Handler):
         request takes tens of milliseconds more than the next ones."""
         for name, folder in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
             os.environ.setdefault(name, str(cornserve_home() / folder))
+        # At shutdown the engine core waits this long for its worker before it SIGTERMs it, and is
+        # itself SIGKILLed after 5 s: with vLLM's default (5 s) the worker took ~5 s to leave on its
+        # own, so every stop took 5 s and ended in a SIGKILL that left its shared memory behind.
+        os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1")
         path = resolve_model(self.model_id)
         with phase(STARTING_ENGINE):
             self.engine = self._start_engine(path)

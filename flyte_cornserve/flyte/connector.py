@@ -35,7 +35,7 @@ from flyte_cornserve.decks.render import render_unit
 from flyte_cornserve.descriptors import descriptor_for
 from flyte_cornserve.protocol.invocations import TERMINAL, ErrorKind, MalformedRecord, State
 from flyte_cornserve.services.control import ControlPlaneError
-from flyte_cornserve.services.dispatcher import failure_of
+from flyte_cornserve.services.dispatcher import InvocationFailed, failure_of
 from flyte_cornserve.services.stack import current_url
 from flyte_cornserve.services.task_manager import describe
 from flyte_cornserve.task import TaskInputError, unit_task_from_json
@@ -92,6 +92,8 @@ class CornserveConnector(AsyncConnectorBase):
             submission = await (await shared_dispatcher()).submit(unit_task, request, wait_ready=False)
         except ControlPlaneError as exc:  # a refusal, or no control plane there to answer
             return CornserveMetadata(error=f"{describe(unit_task)}: {exc}", retryable=exc.recoverable)
+        except InvocationFailed as exc:  # re-computing a gone input tensor failed (`Dispatcher.resolve_tensors`)
+            return CornserveMetadata(error=_bounded(f"{describe(unit_task)}: {exc}"), retryable=exc.retryable)
         except (RedisConnectionError, RedisTimeoutError) as exc:  # Redis down or restarting: a later try may reach it
             return CornserveMetadata(error=_bounded(_redis_unreachable(unit_task, exc)), retryable=True)
         except (TaskInputError, ValueError, TypeError) as exc:  # retrying cannot help

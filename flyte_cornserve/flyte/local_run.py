@@ -20,7 +20,7 @@ from flyte_cornserve.services.control import ControlPlaneError
 from flyte_cornserve.services.dispatcher import InvocationFailed, Submission
 from flyte_cornserve.services.stack import ensure_stack
 from flyte_cornserve.services.task_manager import describe
-from flyte_cornserve.task import UnitTask
+from flyte_cornserve.task import TaskInputError, UnitTask
 
 from . import decks
 from .dispatchers import shared_dispatcher
@@ -69,7 +69,7 @@ def run_locally(unit_task: UnitTask, inputs: dict[str, Any]) -> Any:
         if submitted:  # stop the executor's work on it, then let the interrupt through
             _background.run(_cancel(submitted[-1].invocation_id))
         raise
-    except InvocationFailed as exc:  # its message names the task, the invocation and the executor's error
+    except (InvocationFailed, TaskInputError) as exc:  # its message names the task (and the invocation, the error)
         raise LocalRunFailed(str(exc)) from None
     except ControlPlaneError as exc:
         raise LocalRunFailed(f"{describe(unit_task)}: {exc}") from None

@@ -1,7 +1,7 @@
 """Flyte type transformer for `TensorRef`: a small Struct literal, metadata only.
 
 The tensor's bytes stay in the sidecar; what Flyte stores, shows in the console and passes between
-nodes is this ~200-byte record, whatever the tensor's size.
+nodes is this record (under 1 KiB, with its `source`), whatever the tensor's size.
 """
 
 from __future__ import annotations

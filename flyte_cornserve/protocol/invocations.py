@@ -96,11 +96,28 @@ def events_key(invocation_id: str) -> str:
 
 
 @dataclass(frozen=True)
+class TensorPolicy:
+    """How a producer keeps the tensors an invocation puts (its unit task's `TaskOptions`).
+
+    `cache`: content-addressed ids, so the same input is found again (else a random id, no lookup);
+    `ttl_s`: how long a tensor stays as cache once its consumers released it (None: the executor's
+    default)."""
+
+    cache: bool = True
+    ttl_s: float | None = None
+
+    def to_fields(self) -> dict[str, str]:
+        return {"tensor_cache": "1" if self.cache else "0", "tensor_ttl": "" if self.ttl_s is None else repr(self.ttl_s)}
+
+
+@dataclass(frozen=True)
 class Invocation:
     """What an executor gets: the id, the unit task's input as JSON, and the deadline (epoch seconds).
 
     A batch invocation has `items` (one input each) instead of `input`; its executor runs each item
-    as an invocation of its own (`item_invocations()`) and stores one outcome per item.
+    as an invocation of its own (`item_invocations()`) and stores one outcome per item. `pins` is how
+    many consumers will read (and release) the tensor an item produces: one per item of a batch
+    invocation (`item_pins`), else one number.
     """
 
     id: str
@@ -112,14 +129,19 @@ class Invocation:
     entry_id: str = ""  # the queue entry that delivered it, acknowledged once the outcome is stored
     priority: Priority = Priority.INTERACTIVE
     items: tuple[dict[str, Any], ...] | None = None
+    pins: int = 1
+    item_pins: tuple[int, ...] | None = None
+    tensors: TensorPolicy = TensorPolicy()
 
     def item_invocations(self) -> list[Invocation]:
         """What a handler runs: the invocation itself, or one per item of a batch invocation."""
         if self.items is None:
             return [self]
+        pins = self.item_pins or (1,) * len(self.items)
         return [Invocation(id=f"{self.id}#{k}", deployment_id=self.deployment_id, input=item, deadline=self.deadline,
                            attempt=self.attempt, max_attempts=self.max_attempts, entry_id=self.entry_id,
-                           priority=self.priority) for k, item in enumerate(self.items)]
+                           priority=self.priority, pins=pins[k], tensors=self.tensors)
+                for k, item in enumerate(self.items)]
 
     def combine(self, outcomes: list[Outcome]) -> Outcome:
         """The outcome to store, from the outcomes of `item_invocations()` (in their order)."""
@@ -408,7 +430,8 @@ class InvocationStore:
 
     async def submit(self, deployment_id: str, input: dict[str, Any], timeout_s: float | None = None,
                      invocation_id: str | None = None, max_attempts: int = 1, label: str = "",
-                     priority: Priority = Priority.INTERACTIVE, notify: str = "", route: str = "") -> str:
+                     priority: Priority = Priority.INTERACTIVE, notify: str = "", route: str = "",
+                     pins: int = 1, tensors: TensorPolicy = TensorPolicy()) -> str:
         """Record the invocation and queue it for the deployment; return its id.
 
         One transaction: an executor may read the queue entry the moment it exists, and must then
@@ -420,23 +443,26 @@ class InvocationStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             self.queue_submission(pipe, deployment_id, invocation_id, input, timeout_s=timeout_s,
                                   max_attempts=max_attempts, label=label, priority=priority, notify=notify,
-                                  route=route)
+                                  route=route, pins=pins, tensors=tensors)
             await pipe.execute()
         return invocation_id
 
     def queue_submission(self, pipe: Any, deployment_id: str, invocation_id: str, input: dict[str, Any] | None = None,
                          *, items: list[dict[str, Any]] | None = None, timeout_s: float | None = None,
                          max_attempts: int = 1, label: str = "", priority: Priority = Priority.INTERACTIVE,
-                         notify: str = "", route: str = "") -> None:
+                         notify: str = "", route: str = "", pins: int | list[int] = 1,
+                         tensors: TensorPolicy = TensorPolicy()) -> None:
         """Add a submission to a transaction of the caller's (who may record more in it): `input`,
-        or `items` for a batch invocation. `ensure_queue(deployment_id)` must have run."""
+        or `items` for a batch invocation (then `pins` is a list, one per item).
+        `ensure_queue(deployment_id)` must have run."""
         now = time.time()
         record = {
             "state": State.QUEUED.value, "deployment_id": deployment_id,
             "input": json.dumps(items if items is not None else input),
             "deadline": "" if timeout_s is None else repr(now + timeout_s), "created_at": repr(now), "attempt": 0,
             "max_attempts": max_attempts, "label": label, "priority": priority.value, "notify": notify,
-            "items": "" if items is None else len(items), "route": route,
+            "items": "" if items is None else len(items), "route": route, "pins": json.dumps(pins),
+            **tensors.to_fields(),
         }
         pipe.hset(invocation_key(invocation_id), mapping=record)
         pipe.xadd(events_key(invocation_id), {"state": State.CREATED.value})
@@ -524,7 +550,8 @@ class InvocationStore:
     async def load(self, deployment_id: str, invocation_id: str, entry_id: str) -> Invocation | None:
         """The invocation behind a queue entry, or None if it is gone (expired)."""
         fields = await self.redis.hmget(invocation_key(invocation_id),
-                                        ["input", "deadline", "attempt", "max_attempts", "priority", "items"])
+                                        ["input", "deadline", "attempt", "max_attempts", "priority", "items", "pins",
+                                         "tensor_cache", "tensor_ttl"])
         if fields[0] is None:
             return None
 
@@ -545,6 +572,8 @@ class InvocationStore:
             max_attempts=parse("max_attempts", fields[3], lambda v: _count(v, 1)), entry_id=entry_id,
             priority=parse("priority", fields[4], lambda v: Priority(_text(v) or Priority.INTERACTIVE.value)),
             items=tuple(payload) if batch else None,
+            **parse("pins", fields[6], lambda v: _pins(v, len(payload) if batch else None)),
+            tensors=TensorPolicy(cache=_text(fields[7]) != "0", ttl_s=parse("tensor_ttl", fields[8], _seconds)),
         )
 
     async def start(self, invocation: Invocation, executor_id: str, node: str = "", note: str = "") -> bool:
@@ -609,6 +638,21 @@ class InvocationStore:
             args += [name, value]
         keys = [invocation_key(invocation_id), events_key(invocation_id), counts_key()]
         return bool(await self._transition(keys=keys, args=args))
+
+
+def _pins(value: bytes | str | None, items: int | None) -> dict[str, Any]:
+    """The `pins` field as `Invocation` fields: absent (a record from before pins) is 1 per item."""
+    pins = json.loads(_text(value) or "1")
+    if items is None:
+        if not isinstance(pins, int) or isinstance(pins, bool) or pins < 0:
+            raise ValueError(f"not a count of consumers: {pins!r}")
+        return {"pins": pins}
+    if isinstance(pins, int) and not isinstance(pins, bool):
+        pins = [pins] * items
+    if (not isinstance(pins, list) or len(pins) != items
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in pins)):
+        raise ValueError(f"not one count of consumers per item: {pins!r}")
+    return {"item_pins": tuple(pins)}
 
 
 def _seconds(value: bytes | str | None) -> float | None:

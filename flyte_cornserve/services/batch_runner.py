@@ -46,7 +46,9 @@ from flyte_cornserve.protocol.invocations import (
     _text,
     invocation_key,
 )
-from flyte_cornserve.task import UnitTask, unit_task_from_json
+from flyte_cornserve.protocol.content import content_id, count_lookups, published_identity
+from flyte_cornserve.sidecar.directory import Lookups
+from flyte_cornserve.task import TensorRef, UnitTask, tensor_refs, unit_task_from_json
 from flyte_cornserve.task.plan import Plan, PlanNode
 
 from .batches import (
@@ -70,7 +72,8 @@ from .batches import (
     read_chunk_header,
     write_results,
 )
-from .dispatcher import Dispatcher, backoff_s
+from .content_lookup import input_digest, with_source
+from .dispatcher import Dispatcher, backoff_s, tensor_policy
 from .task_manager import TaskManager, describe
 
 log = logging.getLogger(__name__)
@@ -162,11 +165,37 @@ class Work:
 
 @dataclass(eq=False)
 class Flight:
-    """A submitted batch invocation and the work it carries, in item order."""
+    """A submitted batch invocation and the work it carries, in item order.
+
+    Work with equal inputs to a content-addressed task shares one of its items: `slots` says which
+    item each work's outcome is (None: one item per work, in order). Work that came while the item
+    was in flight `joined` it: it takes the item's output once the flight lands (not kept in Redis:
+    after a restart such work is sent again, and finds the output stored)."""
 
     id: str
     task: UnitTask  # the routed unit task
     work: list[Work]
+    slots: list[int] | None = None
+    joined: dict[int, list[Entry]] = field(default_factory=dict)  # item -> work that waits for its output
+    producing: dict[int, tuple[str, str]] = field(default_factory=dict)  # item -> its key in `BatchRunner.producing`
+
+    def outcomes(self, items: list[Outcome]) -> list[Outcome] | None:
+        """Each work's outcome, from the invocation's item outcomes (None if their number is wrong)."""
+        if self.slots is None:  # (a flight recorded before slots: one item per work, in order)
+            return items if len(items) == len(self.work) else None
+        if len(self.slots) != len(self.work) or any(slot >= len(items) for slot in self.slots):
+            return None
+        return [items[slot] for slot in self.slots]
+
+
+@dataclass(eq=False)
+class Entry:
+    """A work ready to send: its payload, and for a content-addressed task its input's content."""
+
+    work: Work
+    payload: dict[str, Any]
+    content: bytes | str | None = None
+    digest: str | None = None
 
 
 @dataclass
@@ -178,9 +207,10 @@ class Changes:
     admitted: set[RunningBatch] = field(default_factory=set)
     landed: list[Flight] = field(default_factory=list)  # flights whose outcomes were taken in
     stage_runs: list[tuple[str, StageRun]] = field(default_factory=list)  # (batch id, run) for the decks
+    hits: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # deployment -> [items, bytes]
 
     def __bool__(self) -> bool:
-        return bool(self.progress or self.rows or self.admitted or self.landed or self.stage_runs)
+        return bool(self.progress or self.rows or self.admitted or self.landed or self.stage_runs or self.hits)
 
 
 class BatchRunner:
@@ -196,6 +226,8 @@ class BatchRunner:
         self.batches: dict[str, RunningBatch] = {}  # in admission order
         self.flights: dict[str, Flight] = {}
         self.ready: dict[str, list[Work]] = defaultdict(list)  # unit task JSON -> work to send
+        self.producing: dict[tuple[str, str], tuple[Flight, int]] = {}  # (deployment, digest) -> item in flight
+        self.lookups = Lookups(client)
         self.in_flight = 0  # admitted items not yet ended
         self.changes = Changes()
         self._timers: list[tuple[float, int, str, Any]] = []  # (due, tiebreak, kind, what)
@@ -250,6 +282,7 @@ class BatchRunner:
         """Drop what is held in memory; `_resume` rebuilds it from Redis."""
         self.batches.clear()
         self.flights.clear()
+        self.producing.clear()
         self.ready.clear()
         self._timers.clear()
         self.changes = Changes()
@@ -330,13 +363,15 @@ class BatchRunner:
             for invocation_id, triples in (await self.redis.hgetall(batch_key(running.id, "inflight"))).items():
                 invocation_id = _text(invocation_id)
                 flight = self.flights.setdefault(invocation_id, Flight(invocation_id, running.tasks[0], []))
-                for index, node_id, attempt in json.loads(triples):
+                for index, node_id, attempt, *slot in json.loads(triples):
                     run = running.live.get(index)
                     if run is not None:
                         node = next(n for n in run.plan.nodes if n.id == node_id)
                         run.busy.add(node_id)
                         flight.work.append(Work(run, node, attempt))
                         flight.task = flight.work[0].task
+                        if slot:
+                            flight.slots = (flight.slots or []) + slot
                 orphans.append(invocation_id)
             for run in running.live.values():
                 self._queue_ready(run)
@@ -485,12 +520,16 @@ class BatchRunner:
             self.ready[work.key].append(work)
 
     async def _flush(self) -> None:
-        """Send the ready work: up to `micro_batch` items per invocation, per unit task."""
-        ready, self.ready = self.ready, defaultdict(list)
-        for works in ready.values():
-            works = [work for work in works if not work.run.finished]
-            for start in range(0, len(works), self.micro_batch):
-                await self._send(works[start:start + self.micro_batch])
+        """Send the ready work: up to `micro_batch` items per invocation, per unit task. Work whose
+        output was found stored ends at once and makes its next nodes ready: they go out in the next
+        round, once what ended is recorded (as outcomes taken in are, before new work goes out)."""
+        while self.ready:
+            ready, self.ready = self.ready, defaultdict(list)
+            for works in ready.values():
+                works = [work for work in works if not work.run.finished]
+                if works:
+                    await self._send(works)
+            await self._commit()
 
     async def _send(self, works: list[Work]) -> None:
         task = works[0].task
@@ -503,33 +542,93 @@ class BatchRunner:
             return
         descriptor = descriptor_for(target)
         input_model, _ = target.io_models()
-        payloads, sent = [], []
+        entries = []
         for work in works:
             try:
                 request = input_model.model_validate(work.node.input.fill(work.run.outputs))
             except ValueError as exc:  # an upstream output that does not fit this input
                 self._settle(work, Outcome.failed(f"invalid input: {exc}"), task)
                 continue
-            payloads.append(descriptor.encode_request(request))
-            sent.append(work)
-        if not sent:
-            return
+            content = descriptor.input_content(request) if task.options.tensor_cache else None
+            entries.append(Entry(work, descriptor.encode_request(request), content))
+        if any(entry.content is not None for entry in entries):
+            groups = await self._by_content(target, deployment, entries)
+        else:
+            groups = [[entry] for entry in entries]
+        for start in range(0, len(groups), self.micro_batch):
+            await self._queue(target, deployment.id, groups[start:start + self.micro_batch])
+
+    async def _by_content(self, target: UnitTask, deployment: Any, entries: list[Entry]) -> list[list[Entry]]:
+        """Entries of a content-addressed task: those whose output is in flight join it, those whose
+        output is stored take it (pinned for their consumers), the others are grouped by input
+        content (one item per group). Returns the groups to send."""
+        digests = await asyncio.to_thread(
+            lambda: [None if entry.content is None else input_digest(entry.content) for entry in entries])
+        groups: list[list[Entry]] = []
+        by_digest: dict[str, list[Entry]] = {}
+        for entry, digest in zip(entries, digests, strict=True):
+            entry.digest = digest
+            if digest is None:
+                groups.append([entry])
+            elif (producing := self.producing.get((deployment.id, digest))) is not None:
+                flight, slot = producing
+                flight.joined.setdefault(slot, []).append(entry)
+            else:
+                by_digest.setdefault(digest, []).append(entry)
+        identity = await published_identity(self.redis, deployment.executors) if by_digest else None
+        if identity is not None:
+            found = await self.lookups.pin_many([content_id(identity, digest) for digest in by_digest],
+                                                [sum(map(self._consumers, group)) for group in by_digest.values()])
+            for digest, ref in zip(list(by_digest), found, strict=True):
+                if ref is not None:
+                    self._take_stored(target, by_digest.pop(digest), ref)
+        return groups + list(by_digest.values())
+
+    @staticmethod
+    def _consumers(entry: Entry) -> int:
+        """How many nodes of its item read the output of this entry's node: the pins its tensor gets."""
+        return sum(entry.work.node.id in node.input.needs for node in entry.work.run.plan.nodes)
+
+    def _take_stored(self, target: UnitTask, entries: list[Entry], ref: TensorRef) -> None:
+        """Each entry's output is the stored tensor `ref` (already pinned for them)."""
+        descriptor = descriptor_for(target)
+        for entry in entries:
+            output = descriptor.response_for(with_source(ref, target, entry.content, entry.digest))
+            self._settle(entry.work, Outcome(output=output), target)
+        self._count_hits(target, len(entries), ref)
+
+    def _count_hits(self, target: UnitTask, items: int, ref: TensorRef) -> None:
+        """Items served here without an item of their own (`protocol.content.cache_counts_key`)."""
+        counted = self.changes.hits[target.deployment_id()]
+        counted[0] += items
+        counted[1] += items * ref.nbytes
+
+    async def _queue(self, target: UnitTask, deployment_id: str, groups: list[list[Entry]]) -> None:
+        """Send one batch invocation: an item per group of entries (their tensor pinned for all their consumers)."""
+        task = groups[0][0].work.task
+        sent = [entry.work for group in groups for entry in group]
+        slots = [slot for slot, group in enumerate(groups) for _ in group]
         invocation_id = uuid.uuid4().hex
         timeout = task.options.timeout
-        await self.store.ensure_queue(deployment.id)
+        await self.store.ensure_queue(deployment_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             self.store.queue_submission(
-                pipe, deployment.id, invocation_id, items=payloads,
+                pipe, deployment_id, invocation_id, items=[group[0].payload for group in groups],
                 timeout_s=timeout.total_seconds() if timeout is not None else None,
                 label=describe(target), priority=Priority.BATCH, notify=runner_stream(),
+                pins=[sum(map(self._consumers, group)) for group in groups], tensors=tensor_policy(task.options),
             )
             by_batch: dict[str, list] = defaultdict(list)
-            for work in sent:
-                by_batch[work.run.batch.id].append([work.run.item.i, work.node.id, work.attempt])
+            for work, slot in zip(sent, slots, strict=True):
+                by_batch[work.run.batch.id].append([work.run.item.i, work.node.id, work.attempt, slot])
             for batch_id, triples in by_batch.items():
                 pipe.hset(batch_key(batch_id, "inflight"), invocation_id, json.dumps(triples))
             await pipe.execute()
-        self.flights[invocation_id] = Flight(invocation_id, target, sent)
+        flight = self.flights[invocation_id] = Flight(invocation_id, target, sent, slots)
+        for slot, group in enumerate(groups):
+            if group[0].digest is not None:
+                flight.producing[slot] = key = (deployment_id, group[0].digest)
+                self.producing[key] = (flight, slot)
         if timeout is not None:
             self._timer(time.monotonic() + timeout.total_seconds(), "deadline", (invocation_id, timeout.total_seconds()))
 
@@ -541,15 +640,52 @@ class BatchRunner:
                 record = await self.store.record(flight.id)
             except KeyError:  # expired: whatever it ran is lost
                 record = None
-            outcomes = record.item_outcomes() if record is not None else []
-            if len(outcomes) != len(flight.work):
-                why = "is gone" if record is None else f"returned {len(outcomes)} outcomes for {len(flight.work)} items"
-                outcomes = [Outcome.failed(f"invocation {flight.id} {why}", ErrorKind.RECOVERABLE)] * len(flight.work)
+            items = record.item_outcomes() if record is not None else []
+            outcomes = flight.outcomes(items)
+            if outcomes is None:
+                why = "is gone" if record is None else f"returned {len(items)} outcomes for more or fewer items"
+                items = [Outcome.failed(f"invocation {flight.id} {why}", ErrorKind.RECOVERABLE)] * len(flight.work)
+                outcomes = items
             for work, outcome in zip(flight.work, outcomes):
                 self._settle(work, outcome, flight.task)
+            await self._land_joined(flight, items)
             self.changes.landed.append(flight)
             if record is not None:
                 self._note_stage_run(flight, record, outcomes)
+
+    async def _land_joined(self, flight: Flight, items: list[Outcome]) -> None:
+        """The work that joined the flight's items takes their outputs (pinned for it), or their errors;
+        the work that shared an item counts as hits."""
+        for slot, key in flight.producing.items():
+            if self.producing.get(key, (None,))[0] is flight:
+                del self.producing[key]
+            shared = flight.slots.count(slot) - 1 if flight.slots is not None and slot < len(items) else 0
+            if shared and (ref := self._ref_of(flight.task, items[slot])) is not None:
+                self._count_hits(flight.task, shared, ref)
+        for slot, entries in flight.joined.items():
+            outcome = items[slot] if slot < len(items) else Outcome.failed("no outcome", ErrorKind.RECOVERABLE)
+            if outcome.output is not None:
+                ref = self._ref_of(flight.task, outcome)  # None if invalid: `_settle` says so, for each entry
+                if ref is not None:
+                    (pinned,) = await self.lookups.pin_many([ref.id], [sum(map(self._consumers, entries))])
+                    if pinned is not None:
+                        self._take_stored(flight.task, entries, pinned)
+                        continue
+                    outcome = Outcome.failed(f"the output of invocation {flight.id} was evicted before it could be "
+                                             f"pinned for this item", ErrorKind.RECOVERABLE)
+            for entry in entries:
+                self._settle(entry.work, outcome, flight.task)
+
+    @staticmethod
+    def _ref_of(task: UnitTask, outcome: Outcome) -> TensorRef | None:
+        """The output tensor of a content-addressed task's outcome; None if it has none (an error, invalid)."""
+        if outcome.output is None:
+            return None
+        try:
+            refs = tensor_refs(descriptor_for(task).decode_response(outcome.output))
+        except ValueError:
+            return None
+        return refs[0] if len(refs) == 1 else None
 
     def _note_stage_run(self, flight: Flight, record: Record, outcomes: list[Outcome]) -> None:
         """Keep the invocation's timing per batch it served, for the batches' decks."""
@@ -665,6 +801,8 @@ class BatchRunner:
             for flight in changes.landed:
                 for batch_id in {work.run.batch.id for work in flight.work}:
                     pipe.hdel(batch_key(batch_id, "inflight"), flight.id)
+            for deployment_id, (items, nbytes) in changes.hits.items():
+                count_lookups(pipe, deployment_id, hits=items, bytes_saved=nbytes)
             await pipe.execute()
         if changes.landed:  # taken in: only the record's timing stays, as history (`collect`)
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -13,7 +13,7 @@ Keys (under the namespace, `cornserve:` by default; see `flyte_cornserve.namespa
 |---|---|---|
 | `batch:<id>` | hash | `spec` (JSON), `state`, `label`, `total`, `done`, `failed`, `cancelled`, `admitted`, timestamps, `message`, `retryable` |
 | `batch:<id>:items` | hash | item index -> progress of an admitted, unfinished item (node outputs, attempts, start time) |
-| `batch:<id>:inflight` | hash | invocation id -> the (item, node, attempt) triples it runs |
+| `batch:<id>:inflight` | hash | invocation id -> the [item, node, attempt, slot] it runs (slot: which of its items serves that node; items with equal content-addressed inputs share one) |
 | `batch:<id>:results` | hash | item index -> the item's final row (JSON), written once |
 | `batch:<id>:events` | stream | progress and the terminal state, for watchers |
 | `batch:<id>:progress` | list | `[time, done, failed]` samples, at most one per `SAMPLE_EVERY_S` (the deck's chart) |

@@ -237,6 +237,8 @@ async def _status_tables(url: str, limit: int, batch_limit: int = 10) -> list[An
         endpoints.add_row(where.name, str(where.pid), where.url, _ago(now - where.since))
     tables.append(endpoints)
 
+    tables += await _tensor_cache_tables(client, {d.id: d.label for d in deployments})
+
     batches = Table(title=f"batches (last {batch_limit}, running first)")
     for column in ("batch", "task", "state", "done", "failed", "cancelled", "total", "items/s", "ETA", "message"):
         batches.add_column(column)
@@ -258,6 +260,42 @@ async def _status_tables(url: str, limit: int, batch_limit: int = 10) -> list[An
         recent.add_row(record.id[:12], record.label, record.state.value, str(record.attempt), record.executor,
                        _ago(now - record.created_at) + " ago", took, record.error[:80])
     tables.append(recent)
+    return tables
+
+
+async def _tensor_cache_tables(client: Any, labels: dict[str, str]) -> list[Any]:
+    """Content-addressed outputs per deployment (hits, misses, bytes saved) and each sidecar's memory
+    by tensor state and its evictions; nothing where there is nothing to show."""
+    from rich.table import Table
+
+    from flyte_cornserve.decks.render import format_bytes
+    from flyte_cornserve.protocol.content import BYTES_SAVED, HIT, MISS, cache_counts
+    from flyte_cornserve.sidecar.directory import Lookups
+
+    tables: list[Any] = []
+    counts = await cache_counts(client)
+    if counts:
+        cache = Table(title="tensor cache (content-addressed outputs; hits include items joined before queueing)")
+        for column in ("deployment", "task", "hits", "misses", "hit ratio", "saved"):
+            cache.add_column(column)
+        for deployment_id, count in sorted(counts.items()):
+            looked_up = count[HIT] + count[MISS]
+            cache.add_row(deployment_id, labels.get(deployment_id, "(not deployed)"), str(count[HIT]), str(count[MISS]),
+                          f"{count[HIT] / looked_up:.0%}" if looked_up else "-", format_bytes(count[BYTES_SAVED]))
+        tables.append(cache)
+    sidecars = await Lookups(client).sidecar_stats()
+    if sidecars:
+        table = Table(title="sidecars")
+        for column in ("sidecar", "tensors", "pinned", "cached", "used / capacity", "evicted lru", "evicted ttl",
+                       "evicted orphan"):
+            table.add_column(column)
+        for sidecar_id, stats in sorted(sidecars.items()):
+            evictions = stats.get("evictions", {})
+            table.add_row(sidecar_id, str(stats["tensors"]), f"{stats['pinned']} ({format_bytes(stats['pinned_bytes'])})",
+                          f"{stats['cached']} ({format_bytes(stats['cached_bytes'])})",
+                          f"{format_bytes(stats['used'])} / {format_bytes(stats['capacity'])}",
+                          *(str(evictions.get(reason, 0)) for reason in ("lru", "ttl", "orphan")))
+        tables.append(table)
     return tables
 
 

@@ -22,8 +22,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from flyte_cornserve.descriptors import descriptor_for
-from flyte_cornserve.protocol.invocations import TERMINAL, ErrorKind, InvocationStore, Record, State
-from flyte_cornserve.task import TaskIO, UnitTask
+from flyte_cornserve.protocol.invocations import TERMINAL, ErrorKind, InvocationStore, Record, State, TensorPolicy
+from flyte_cornserve.sidecar.directory import Lookups
+from flyte_cornserve.task import (TaskInputError, TaskIO, TaskOptions, TensorRef, UnitTask, tensor_refs,
+                                  unit_task_from_json)
 
 from . import control
 from .control import DeploymentState, load_deployment
@@ -62,6 +64,17 @@ class InvocationFailed(RuntimeError):
         return self.record.error_kind is ErrorKind.RECOVERABLE
 
 
+class InputTensorGone(TaskInputError):
+    """An input `TensorRef` whose tensor is gone and cannot be computed again (its input was inline
+    data, which a ref does not carry): no retry can help."""
+
+
+def tensor_policy(options: TaskOptions) -> TensorPolicy:
+    """How the executor keeps the tensors an invocation of a task with `options` puts."""
+    ttl = options.tensor_ttl
+    return TensorPolicy(cache=options.tensor_cache, ttl_s=None if ttl is None else ttl.total_seconds())
+
+
 @dataclass(frozen=True)
 class Submission:
     invocation_id: str
@@ -77,6 +90,7 @@ class Dispatcher:
         self.store = InvocationStore(client)
         self.completions = Completions(client)
         self._deploying: dict[str, asyncio.Future[None]] = {}  # one deploy request per deployment at a time
+        self.tensors = Lookups(client)
 
     async def route(self, task: UnitTask) -> UnitTask:
         """The candidate whose deployment is least loaded (queued + running per executor); the
@@ -144,7 +158,7 @@ class Dispatcher:
         `ControlPlaneError` for a deployment that is refused. Without `wait_ready` it enqueues as
         soon as the deployment is admitted (its executors pick the invocation up once they serve).
         With `watch`, `outcome()` learns of its end from this dispatcher's shared reader."""
-        validated = task.validate_input(request)
+        validated = await self.resolve_tensors(task, task.validate_input(request), progress)
         target, why = await self.choose(task)
         deployment_id = await self.deploy(target, progress, wait=wait_ready)
         timeout = task.options.timeout
@@ -154,8 +168,49 @@ class Dispatcher:
         ended = await self.completions.expect(invocation_id) if watch else None
         await self.store.submit(deployment_id, payload, timeout_s=timeout_s, invocation_id=invocation_id,
                                 max_attempts=attempts, label=describe(target), route=why,
-                                notify=self.completions.key if watch else "")
+                                notify=self.completions.key if watch else "", tensors=tensor_policy(task.options))
         return Submission(invocation_id, deployment_id, target, timeout_s, ended)
+
+    async def resolve_tensors(self, task: UnitTask, request: TaskIO, progress: Progress | None = None) -> TaskIO:
+        """The request, each input `TensorRef` whose tensor is gone (evicted, or its stack restarted
+        since Flyte cached the ref) replaced by the tensor computed again: its producer re-run on the
+        input its `source` names. Content addressing gives it the same id when nothing changed."""
+        refs = {ref.id: ref for ref in tensor_refs(request)}
+        if not refs:
+            return request
+        found = await self.tensors.pin_many(list(refs), [0] * len(refs))
+        gone = [ref for ref, there in zip(refs.values(), found, strict=True) if there is None]
+        if not gone:
+            return request
+        again = await asyncio.gather(*(self._recompute(task, ref, progress) for ref in gone))
+        replaced = {old.id: new.model_dump(mode="json") for old, new in zip(gone, again, strict=True)}
+        return task.validate_input(_replace_refs(request.model_dump(mode="json"), replaced))
+
+    async def _recompute(self, task: UnitTask, ref: TensorRef, progress: Progress | None) -> TensorRef:
+        source = ref.source
+        if source is None or not source.input:
+            why = ("its input was inline data (a text or a data: URL), which a ref does not carry" if source
+                   else "the ref does not say how it was computed")
+            raise InputTensorGone(
+                f"{describe(task)}: input tensor {ref.id} is gone (evicted, or its cornserve stack restarted since "
+                f"the ref was made, e.g. by Flyte's cache) and cannot be computed again: {why}. Bump the producing "
+                f"task's cache_version, or turn Flyte's cache off for it (TaskOptions(cache=False))")
+        producer = unit_task_from_json(source.task)
+        if progress is not None:  # a line that stays: the run did more than its graph shows
+            getattr(progress, "note", progress)(
+                f"{describe(task)}: input tensor {ref.id} is gone; computing it again with {describe(producer)} "
+                f"from {source.input[:200]}")
+        input_model, _ = producer.io_models()
+        (field,) = [name for name, info in input_model.model_fields.items() if info.is_required()]
+        output = await self.run(producer, {field: source.input}, progress)
+        (new,) = tensor_refs(output)
+        if new.source is not None and new.source.content != source.content:
+            raise InputTensorGone(
+                f"{describe(task)}: input tensor {ref.id} is gone, and its input {source.input!r} changed since it "
+                f"was computed (its content digest was {source.content}, is {new.source.content}): computing it "
+                f"again would not give the same tensor. Bump the producing task's cache_version, or turn Flyte's "
+                f"cache off for it (TaskOptions(cache=False))")
+        return new
 
     async def outcome(self, submission: Submission) -> Record:
         """Wait for the terminal record, and collect it; past the deadline, time the invocation out
@@ -220,6 +275,17 @@ class Dispatcher:
 
     async def cancel(self, invocation_id: str) -> bool:
         return await self.store.cancel(invocation_id)
+
+
+def _replace_refs(value: Any, replaced: dict[str, dict[str, Any]]) -> Any:
+    """JSON `value` with each ref whose id is in `replaced` swapped for its replacement."""
+    if isinstance(value, dict):
+        if value.get("id") in replaced and {"shape", "dtype", "nbytes"} <= value.keys():
+            return replaced[value["id"]]
+        return {name: _replace_refs(item, replaced) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_replace_refs(item, replaced) for item in value]
+    return value
 
 
 def failure_of(task: UnitTask, record: Record) -> InvocationFailed:

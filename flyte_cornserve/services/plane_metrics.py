@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from flyte_cornserve.protocol.content import BYTES_SAVED, HIT, MISS, cache_counts
 from flyte_cornserve.protocol.deployments import executor_key
 from flyte_cornserve.protocol.invocations import InvocationStore, _text
 
@@ -36,6 +37,7 @@ class Snapshot:
     queue_depth: dict[str, int] = field(default_factory=dict)
     counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
     batches: list[Batch] = field(default_factory=list)  # the active ones
+    tensor_cache: dict[str, dict[str, int]] = field(default_factory=dict)  # `protocol.content.cache_counts`
 
 
 async def snapshot(client: aioredis.Redis) -> Snapshot:
@@ -57,6 +59,7 @@ async def snapshot(client: aioredis.Redis) -> Snapshot:
         queue_depth={d.id: depth for d, depth in zip(deployments, depths)},
         counts=await store.counts(),
         batches=[b for b in loaded if b is not None and b.state not in FINISHED],
+        tensor_cache=await cache_counts(client),
     )
 
 
@@ -95,7 +98,16 @@ def families(state: Snapshot) -> list[GaugeMetricFamily | CounterMetricFamily]:
                         ("cancelled", sum(b.cancelled for b in state.batches)),
                         ("pending", sum(max(0, b.total - b.ended) for b in state.batches))):
         items.add_metric([name], count)
-    return [deployments, info, executors, restarts, depth, invocations, batches, items]
+    lookups = CounterMetricFamily("cornserve_tensor_cache_items", "items of a content-addressed deployment by where "
+                                  "their output came from: hit (stored, or shared with an equal item), miss "
+                                  "(computed for it); the executors' and the batch runner's", labels=["deployment", "result"])
+    saved = CounterMetricFamily("cornserve_tensor_cache_saved_bytes", "bytes of the hits' outputs: not computed and "
+                                "stored again", labels=["deployment"])
+    for deployment, count in sorted(state.tensor_cache.items()):
+        for result in (HIT, MISS):
+            lookups.add_metric([deployment, result], count[result])
+        saved.add_metric([deployment], count[BYTES_SAVED])
+    return [deployments, info, executors, restarts, depth, invocations, batches, items, lookups, saved]
 
 
 class ControlPlaneCollector(Collector):

@@ -173,10 +173,11 @@ class SidecarClient:
     def pin_many(self, ids: list[str], pins: int | list[int] = 1) -> list[TensorRef | None]:
         """For each id whose tensor is in a live sidecar (PINNED or CACHED), add `pins` releases to
         expect (a list: one count per id) and return its ref; None where it is gone. A pinned tensor
-        is not evicted: `get` it, then `release` it once per pin. One round trip to Redis."""
+        is not evicted: `get` it, then `release` it once per pin. 0 pins only looks (for an output
+        that nobody in the graph reads: it stays as cache). One round trip to Redis."""
         counts = pins if isinstance(pins, list) else [pins] * len(ids)
-        if len(counts) != len(ids) or any(count < 1 for count in counts):
-            raise ValueError(f"pins must be at least 1 for each of the {len(ids)} ids, got {pins}")
+        if len(counts) != len(ids) or any(count < 0 for count in counts):
+            raise ValueError(f"pins must be 0 or more for each of the {len(ids)} ids, got {pins}")
         return self.directory.pin_many(ids, counts)
 
     def claim_many(self, ids: list[str], claimer: str, ttl: float) -> list[bool]:

@@ -4,7 +4,7 @@ Keys, under a namespace (default `cornserve`):
 
 | key | type | what |
 |---|---|---|
-| `ns:sidecar:<sid>` | hash, TTL = heartbeat TTL | membership: address, host, pid, shm folder, arena, capacity |
+| `ns:sidecar:<sid>` | hash, TTL = heartbeat TTL | membership: address, host, pid, shm folder, arena, capacity; its stats (JSON) as of its last heartbeat |
 | `ns:held:<sid>` | set | tensor keys the sidecar holds, to clean up after a crash |
 | `ns:released:<sid>` | list | tensor keys that became CACHED (pins reached 0); the sidecar BLPOPs it |
 | `ns:discard:<sid>` | list | tensor keys whose put failed; the sidecar BLPOPs it and frees them |
@@ -30,6 +30,7 @@ import re
 import socket
 
 import redis
+import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import namespace as namespaces
@@ -223,9 +224,10 @@ class Directory:
             )
         self.redis.delete(self._key("sidecar", member.id))
 
-    def heartbeat(self, member: Member, ttl: float) -> bool:
-        """Join or renew the membership; False if another incarnation has taken the id over."""
-        fields = {k: str(v) for k, v in member.model_dump().items()}
+    def heartbeat(self, member: Member, ttl: float, stats: str = "") -> bool:
+        """Join or renew the membership, with the sidecar's `stats` (JSON: its memory by tensor state,
+        its evictions) as of now; False if another incarnation has taken the id over."""
+        fields = {k: str(v) for k, v in member.model_dump().items()} | ({"stats": stats} if stats else {})
         key = self._key("sidecar", member.id)
         return bool(self._heartbeat(keys=[key], args=[member.arena, int(ttl * 1000), *_flatten(fields)]))
 
@@ -377,6 +379,38 @@ class Directory:
     def keys(self) -> set[str]:
         """Every key of this namespace (for diagnostics and tests)."""
         return set(self.redis.scan_iter(match=f"{self.namespace}:*", count=1000))
+
+
+class Lookups:
+    """The directory as a submitting side sees it (asyncio): which tensors are there, pinning them
+    for consumers to come. For the dispatcher and the batch runner, which hold no tensor."""
+
+    def __init__(self, client: aioredis.Redis, namespace: str | None = None) -> None:
+        self.redis = client
+        self.namespace = namespaces.check(namespace) if namespace else namespaces.current()
+        self._pin = client.register_script(_PIN)
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.namespace}:{kind}:{name}"
+
+    async def sidecar_stats(self) -> dict[str, dict]:
+        """Each live sidecar's stats as of its last heartbeat (`cornserve status`)."""
+        stats = {}
+        async for member_key in self.redis.scan_iter(match=self._key("sidecar", "*"), count=1000):
+            raw = await self.redis.hget(member_key, "stats")
+            if raw:
+                name = member_key.decode() if isinstance(member_key, bytes) else member_key
+                stats[name.rpartition(":")[2]] = json.loads(raw)
+        return stats
+
+    async def pin_many(self, keys: list[str], pins: list[int]) -> list[TensorRef | None]:
+        """`Directory.pin_many`: with 0 pins, whether each tensor is there (on a live holder)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, count in zip(keys, pins, strict=True):
+                await self._pin(keys=[self._key("entry", key), self._key("ready", key)],
+                                args=[self._key("sidecar", ""), count, REDIS_GRACE_S], client=pipe)
+            found = await pipe.execute()
+        return [TensorRef.model_validate_json(ref) if ref else None for ref in found]
 
 
 def _process_exists(pid: int) -> bool:

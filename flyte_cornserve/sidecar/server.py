@@ -135,7 +135,7 @@ class SidecarServer:
         if stale or forgotten:
             log.warning("sidecar %s: removed %d stale arena file(s) and %d stale tensor(s)", self.config.sidecar_id, len(stale), forgotten)
         self.arena = Arena.create(self.config.shm_dir, self.member.arena, self._allocator.capacity)
-        self.directory.heartbeat(self.member, self.config.heartbeat_ttl)
+        self.directory.heartbeat(self.member, self.config.heartbeat_ttl, self.stats().model_dump_json())
         if self._metrics_server is not None:
             self._advertise()
         for loop in (self._heartbeat_loop, self._release_loop, self._expiry_loop):
@@ -477,7 +477,7 @@ class SidecarServer:
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(self.config.heartbeat_ttl / 3):
-            if not self.directory.heartbeat(self.member, self.config.heartbeat_ttl):
+            if not self.directory.heartbeat(self.member, self.config.heartbeat_ttl, self.stats().model_dump_json()):
                 log.error("sidecar id %s was taken over by another process; stopping", self.config.sidecar_id)
                 threading.Thread(target=self.shutdown, daemon=True).start()
                 return

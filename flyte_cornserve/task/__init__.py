@@ -26,12 +26,12 @@ from .registry import (
     unit_task_classes,
     unit_task_from_json,
 )
-from .tensor_ref import DTYPE_ITEMSIZE, TensorRef
+from .tensor_ref import DTYPE_ITEMSIZE, TensorRef, TensorSource, tensor_refs
 
 __all__ = [
     "DTYPE_ITEMSIZE", "Edge", "InputRef", "OutputRef", "Placeholder", "PlaceholderMisuseError", "Plan",
     "ReplayMismatchError", "Resources", "Task", "TaskContext", "TaskDefinitionError", "TaskError",
-    "TaskGraph", "TaskIO", "TaskInputError", "TaskInvocation", "TaskOptions", "TensorRef", "UnitTask",
-    "UnknownTaskClassError", "load_plugins", "plan_of", "replay", "task_from_reference", "task_reference", "trace",
+    "TaskGraph", "TaskIO", "TaskInputError", "TaskInvocation", "TaskOptions", "TensorRef", "TensorSource", "UnitTask",
+    "UnknownTaskClassError", "load_plugins", "plan_of", "replay", "task_from_reference", "task_reference", "tensor_refs", "trace",
     "unit_task_class", "unit_task_classes", "unit_task_from_json",
 ]

@@ -49,12 +49,16 @@ class TaskOptions(BaseModel):
     cache: bool = False
     cache_version: str = ""
     interruptible: bool | None = None
+    tensor_cache: bool = Field(default=True, description="content-addressed output tensors: the same input "
+                               "is computed once while its output is in a sidecar (off: a fresh tensor each time)")
+    tensor_ttl: timedelta | None = Field(default=None, description="how long an output tensor stays as cache "
+                                         "once its consumers read it (default: the executor's, 10 minutes)")
 
-    @field_validator("timeout")
+    @field_validator("timeout", "tensor_ttl")
     @classmethod
-    def _positive(cls, value: timedelta | None) -> timedelta | None:
+    def _positive(cls, value: timedelta | None, info) -> timedelta | None:
         if value is not None and value <= timedelta(0):
-            raise ValueError("timeout must be positive")
+            raise ValueError(f"{info.field_name} must be positive")
         return value
 
     @model_validator(mode="after")

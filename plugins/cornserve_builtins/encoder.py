@@ -49,3 +49,10 @@ class EncoderServerDescriptor(TaskExecutionDescriptor[EncoderTask]):
 
     def executor_args(self) -> dict[str, Any]:
         return {"model_id": self.task.model_id, "modality": self.task.modality.value}
+
+    def input_content(self, request: EncoderInput) -> bytes | str:
+        """An image's reference (the executor reads it), or a text's bytes: the executor's content ids."""
+        return request.data if self.task.modality is Modality.IMAGE else request.data.encode()
+
+    def response_for(self, ref: TensorRef) -> dict[str, Any]:
+        return EncoderOutput(embeddings=ref).model_dump(mode="json")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncio
 import dataclasses
 import os
@@ -104,14 +106,16 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-async def one_batch(store: InvocationStore, deployment_id: str, items: list[dict], timeout_s: float = 120) -> Record:
+async def one_batch(store: InvocationStore, deployment_id: str, items: list[dict], timeout_s: float = 120,
+                    **submission: Any) -> Record:
     """`items` as one batch invocation, as the batch runner sends them (the executor hands them to
-    one `handle()` call); its record once it ended."""
+    one `handle()` call); its record once it ended. `submission`: more of `queue_submission`'s
+    arguments (pins, tensors)."""
     await store.ensure_queue(deployment_id)
     invocation_id = uuid.uuid4().hex
     async with store.redis.pipeline(transaction=True) as pipe:
         store.queue_submission(pipe, deployment_id, invocation_id, items=items, timeout_s=timeout_s,
-                               priority=Priority.BATCH)
+                               priority=Priority.BATCH, **submission)
         await pipe.execute()
     return await store.wait(invocation_id, timeout_s)
 

@@ -23,11 +23,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from cornserve_builtins.encoder import EncoderTask
-from flyte_cornserve.executors.content_ids import content_id, output_identity
+from flyte_cornserve.executors.content_ids import output_identity
+from flyte_cornserve.protocol.content import content_digest, content_id
 from flyte_cornserve.executors.encoder import ENCODER_VERSION
 from flyte_cornserve.models.tiny import draw
-from flyte_cornserve.protocol.invocations import InvocationStore, Priority, State
-from flyte_cornserve.task import TensorRef
+from flyte_cornserve.protocol.invocations import InvocationStore, Priority, State, TensorPolicy
+from flyte_cornserve.task import TensorRef, unit_task_from_json
 
 from ..scrape import eventually, scrape, series
 from .conftest import one_batch, run
@@ -77,7 +78,7 @@ def png(pixels, **text: str) -> bytes:
 
 
 def expected_id(model_dir, raw: bytes) -> str:
-    return content_id(output_identity(TASK.model_id, TASK.modality.value, model_dir, ENCODER_VERSION), raw)
+    return content_id(output_identity(TASK.model_id, TASK.modality.value, model_dir, ENCODER_VERSION), content_digest(raw))
 
 
 def refs_of(records) -> list[TensorRef]:
@@ -125,6 +126,44 @@ def test_a_batch_encodes_each_distinct_image_once_with_a_pin_per_item(pair, side
     assert sidecar_client.stats().tensors == tensors + 3
     assert since(before, pair) == {"hit": 2, "miss": 3, "bytes saved": 2 * refs[0].nbytes}
     sidecar_client.release_many(refs)
+
+
+def test_each_item_pins_its_tensor_once_per_consumer_and_its_ref_names_its_own_input(pair, sidecar_client, redis_url,
+                                                                                     tmp_path):
+    """Pins come from the submitter (an item's consumers), summed over equal items; each item's ref
+    says how to compute it again from its own input (the path it named, and the content digest)."""
+    raw = png(draw("white", "circle", "green", random.Random(106)))
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    first.write_bytes(raw)
+    second.write_bytes(raw)
+    record = run(one_batch(InvocationStore(aioredis.Redis.from_url(redis_url)), TASK.deployment_id(),
+                           [{"data": str(first)}, {"data": str(second)}], pins=[2, 3]))
+    refs = refs_of(record.item_outcomes())
+    assert refs[0].id == refs[1].id and sidecar_client.directory.entry(refs[0].id).pins == 5
+    assert [ref.source.input for ref in refs] == [str(first), str(second)]
+    assert {ref.source.content for ref in refs} == {content_digest(raw)}
+    assert unit_task_from_json(refs[0].source.task).deployment_id() == TASK.deployment_id()
+    sidecar_client.release_many([refs[0]] * 5)
+
+
+def test_with_the_tensor_cache_off_each_item_gets_a_fresh_tensor_gone_at_its_release(pair, sidecar_client, redis_url):
+    """`TaskOptions(tensor_cache=False)`: no content id, no lookup (no hit, even of a stored
+    tensor), and the tensor is evicted once its consumer released it (nobody could find it)."""
+    image = data_url(png(draw("black", "stripe", "white", random.Random(107))))
+    (cached,) = in_turn(redis_url, [image])  # stored under its content id
+    before = cache_counts(pair)
+    record = run(one_batch(InvocationStore(aioredis.Redis.from_url(redis_url)), TASK.deployment_id(),
+                           [{"data": image}, {"data": image}], tensors=TensorPolicy(cache=False)))
+    refs = refs_of(record.item_outcomes())
+    assert len({cached.id, *(ref.id for ref in refs)}) == 3 and not any(ref.id.startswith("emb-") for ref in refs)
+    assert since(before, pair) == {"hit": 0, "miss": 2, "bytes saved": 0}
+    assert [ref.source.input for ref in refs] == ["", ""]  # a data: URL is inline: not carried
+    entry = sidecar_client.directory.entry(refs[0].id)
+    assert (entry.pins, entry.ttl) == (1, 0)
+    sidecar_client.release_many(refs)
+    eventually(lambda: sidecar_client.directory.entry(refs[0].id) is None, "the released fresh tensor to be evicted")
+    assert sidecar_client.directory.entry(cached.id) is not None
+    sidecar_client.release(cached)
 
 
 def test_a_released_output_stays_as_cache_and_a_new_request_for_it_is_a_hit(pair, sidecar_client, redis_url):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pytest
+import redis
 import redis.asyncio as aioredis
 from flytekit import workflow
 from flytekit.types.file import FlyteFile
@@ -25,12 +26,16 @@ from pydantic import Field
 
 from cornserve_builtins.encoder import EncoderInput, EncoderTask
 from cornserve_builtins.llm import LLMInput, LLMTask, SamplingParams
+from cornserve_builtins.mllm import MLLMTask
 from flyte_cornserve.flyte import batch
 from flyte_cornserve.models.tiny import COLORS, PROMPT, SHAPES, draw
+from flyte_cornserve.protocol.content import cache_counts, content_digest, content_id, published_identity
 from flyte_cornserve.protocol.invocations import recent_key, InvocationStore, Priority
 from flyte_cornserve.redis_server import ENV_URL
 from flyte_cornserve.services.batches import batches_key
-from flyte_cornserve.task import Task, TaskIO
+from flyte_cornserve.services.control import load_deployment
+from flyte_cornserve.sidecar.directory import Directory
+from flyte_cornserve.task import Task, TaskIO, TaskOptions
 from workflows.vlm import caption, captioner, chat
 
 from ..media_servers import S3Server, serve_http
@@ -188,13 +193,19 @@ def test_a_composite_of_the_test_module_runs_as_a_batch(use_module_stack, datase
 
 # -- pipelining ---------------------------------------------------------------------------------------
 
+#: the captioner without the tensor cache: each item is encoded (equal images are not joined or found)
+UNCACHED = MLLMTask(model_id="tiny-llava", encoder=EncoderTask(model_id="tiny-llava",
+                                                                options=TaskOptions(tensor_cache=False)))
+
+
 @workflow
 def plain_batch(manifest: FlyteFile) -> FlyteFile:
-    return batch(captioner, manifest=manifest, chunk_size=320)
+    return batch(UNCACHED, manifest=manifest, chunk_size=320)
 
 
 def test_the_stages_overlap(use_module_stack, dataset, tmp_path):
-    """Some item's LLM invocation starts before another item's encoder invocation ends."""
+    """Some item's LLM invocation starts before another item's encoder invocation ends (every item is
+    encoded: the tensor cache is off)."""
     started = time.time()
     results = read_rows(plain_batch(manifest=str(write_manifest(tmp_path / "m.jsonl", manifest_rows(dataset, 640, bad=False)))).path)
     assert all(row["state"] == "DONE" for row in results) and len(results) == 640
@@ -211,6 +222,96 @@ async def batch_records(url: str, count: int):
         return [r for r in await store.recent(count) if r.priority is Priority.BATCH]
     finally:
         await store.redis.aclose()
+
+
+# -- the tensor cache: one encoding per image --------------------------------------------------------
+
+@workflow
+def vqa_batch(manifest: FlyteFile) -> FlyteFile:
+    return batch(captioner, manifest=manifest, chunk_size=1000)
+
+
+@workflow
+def uncached_vqa_batch(manifest: FlyteFile) -> FlyteFile:
+    return batch(UNCACHED, manifest=manifest, chunk_size=1000)
+
+
+QUESTIONS = (PROMPT, "What is in the picture?", "Which shape is it?", "What colour is it?")
+
+
+def test_a_vqa_manifest_encodes_each_image_once_and_renamed_copies_not_at_all(use_module_stack, tmp_path):
+    """Several questions per image: one encoder item per distinct image with the tensor cache, one
+    per row without; the same images under new paths: none. The answers are the same each way."""
+    rng = random.Random(99)  # images no other test encoded: none is stored yet
+    images = []
+    for i in range(8):
+        color, background = rng.sample(sorted(COLORS), 2)
+        images.append(tmp_path / "vqa" / f"{i}.png")
+        images[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(draw(color, rng.choice(SHAPES), background, rng)).save(images[-1])
+    copies = []
+    for image in images:
+        copies.append(tmp_path / "copies" / f"copy-of-{image.name}")
+        copies[-1].parent.mkdir(exist_ok=True)
+        copies[-1].write_bytes(image.read_bytes())
+
+    def manifest(paths, name):
+        rows = [{"id": f"{n}-{q}", "images": [str(path)], "prompt": question}
+                for n, path in enumerate(paths) for q, question in enumerate(QUESTIONS)]
+        return str(write_manifest(tmp_path / name, rows))
+
+    def answers_and_items(workflow, path) -> tuple[list, int, int]:
+        started = time.time()
+        rows = read_rows(workflow(manifest=path).path)
+        assert all(row["state"] == "DONE" for row in rows), [row["error"] for row in rows if row["error"]][:3]
+        records = [r for r in asyncio.run(batch_records(use_module_stack.url, count=100)) if r.created_at >= started]
+        encoded = sum(r.items for r in records if r.label.startswith("EncoderTask"))
+        generated = sum(r.items for r in records if r.label.startswith("LLMTask"))
+        return [(row["id"], row["text"]) for row in rows], encoded, generated
+
+    rows = len(images) * len(QUESTIONS)
+    encoder = captioner.encoder.deployment_id()
+    before = asyncio.run(tensor_cache_counts(use_module_stack.url)).get(encoder, {"hit": 0, "miss": 0})
+    uncached = answers_and_items(uncached_vqa_batch, manifest(images, "uncached.jsonl"))
+    assert uncached[1:] == (rows, rows)
+    cached = answers_and_items(vqa_batch, manifest(images, "vqa.jsonl"))
+    assert cached == (uncached[0], len(images), rows)
+    renamed = answers_and_items(vqa_batch, manifest(copies, "copies.jsonl"))
+    assert renamed == (uncached[0], 0, rows)
+    assert len({text for _, text in uncached[0]}) > 1  # the questions are answered apart, not all alike
+
+    # each image's tensor had a pin per question, every one released: CACHED now, not held
+    directory = Directory(redis.Redis.from_url(use_module_stack.url, decode_responses=True))
+    identity = asyncio.run(encoder_identity(use_module_stack.url, encoder))
+    entries = [directory.entry(content_id(identity, content_digest(path.read_bytes()))) for path in images]
+    assert [entry.pins if entry else None for entry in entries] == [0] * len(images)
+
+    # misses: every uncached row, then one per image; hits: the other questions, then every renamed row
+    after = asyncio.run(tensor_cache_counts(use_module_stack.url))[encoder]
+    assert (after["miss"] - before["miss"], after["hit"] - before["hit"]) == (rows + len(images), 2 * rows - len(images))
+    status = subprocess.run([str(PYFLYTE.with_name("cornserve")), "status", "--invocations", "0"],
+                            env={**os.environ, ENV_URL: use_module_stack.url, "COLUMNS": "250"},
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    (row,) = [line for line in status.stdout.splitlines() if line.startswith("│ " + encoder) and "%" in line]
+    assert [cell.strip() for cell in row.split("│")][3:5] == [str(after["hit"]), str(after["miss"])], status.stdout
+    assert "sidecars" in status.stdout and "evicted lru" in status.stdout
+
+
+async def encoder_identity(url: str, deployment_id: str) -> str:
+    client = aioredis.Redis.from_url(url)
+    try:
+        return await published_identity(client, (await load_deployment(client, deployment_id)).executors)
+    finally:
+        await client.aclose()
+
+
+async def tensor_cache_counts(url: str) -> dict:
+    client = aioredis.Redis.from_url(url)
+    try:
+        return await cache_counts(client)
+    finally:
+        await client.aclose()
 
 
 # -- Flyte's cache, per chunk -------------------------------------------------------------------------

@@ -133,8 +133,11 @@ def test_pins_are_counted_per_id_and_a_taken_id_is_refused_by_its_kind(sidecars)
     a, b = client.put(tensor(4, 1), pins=0), client.put(tensor(4, 2), pins=0)
     assert client.pin_many([a.id, "never-put", b.id], [2, 1, 3]) == [a, None, b]
     assert (sidecars.directory.entry(a.id).pins, sidecars.directory.entry(b.id).pins) == (2, 3)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="0 or more for each of the 2 ids"):
         client.pin_many([a.id, b.id], [1])
+    with pytest.raises(ValueError, match="0 or more"):
+        client.pin_many([a.id], [-1])
+    assert client.pin_many([a.id], 0) == [a] and sidecars.directory.entry(a.id).pins == 2  # 0 pins: only a look
     with pytest.raises(TensorIdTaken, match="already in use"):  # refused by the sidecar, carried by its code
         client.put(tensor(4, 3), id=a.id)
     assert torch.equal(client.get(a), tensor(4, 1))
