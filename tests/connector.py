@@ -28,9 +28,15 @@ class ConnectorProcess:
     """The connector service of a stack; ready once its gRPC channel is (a socket, not a log line).
     Each gets its own Prometheus port: `pyflyte serve connector` exits if 9090 is taken."""
 
-    def __init__(self, redis_url: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, redis_url: str, env: dict[str, str] | None = None, pyflyte: list[str] | None = None,
+                 modules: bool = True, cwd: str | None = None) -> None:
+        """`pyflyte`: how to run pyflyte (default: this environment's); `modules`: name our connector
+        module with `--modules` (without, flytekit must find it through its plugins' entry point)."""
         self.redis_url = redis_url
         self.env = env or {}
+        self.pyflyte = pyflyte or [PYFLYTE]
+        self.modules = ["--modules", "flyte_cornserve.flyte.connector"] if modules else []
+        self.cwd = cwd
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.channel: grpc.Channel | None = None
@@ -38,9 +44,10 @@ class ConnectorProcess:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [PYFLYTE, "serve", "connector", "--port", str(self.port), "--prometheus_port", str(free_port()),
-             "--modules", "flyte_cornserve.flyte.connector"],
+            [*self.pyflyte, "serve", "connector", "--port", str(self.port), "--prometheus_port", str(free_port()),
+             *self.modules],
             env={**os.environ, **self.env, ENV_URL: self.redis_url}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            cwd=self.cwd,
         )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         grpc.channel_ready_future(self.channel).result(timeout=START_TIMEOUT_S)

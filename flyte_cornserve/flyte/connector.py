@@ -42,7 +42,7 @@ from flyte_cornserve.task import TaskInputError, unit_task_from_json
 
 from . import decks
 from .dispatchers import shared_dispatcher
-from .unit_task import TASK_TYPE
+from .unit_task import CUSTOM_SCHEMA, TASK_TYPE
 
 _PHASES = {
     State.CREATED: TaskExecution.QUEUED,
@@ -75,7 +75,11 @@ class CornserveConnector(AsyncConnectorBase):
 
     async def create(self, task_template: TaskTemplate, output_prefix: str | None = None,
                      inputs: LiteralMap | None = None, **kwargs: Any) -> CornserveMetadata:
-        unit_task = unit_task_from_json(json.dumps(task_template.custom["unit_task"]))
+        custom = task_template.custom or {}
+        refused = _unreadable_custom(task_template.id.name, custom)
+        if refused:
+            return CornserveMetadata(error=refused)
+        unit_task = unit_task_from_json(json.dumps(custom["unit_task"]))
         input_model, _ = unit_task.io_models()
         types = {name: field.annotation for name, field in input_model.model_fields.items()}
         unknown = sorted(set((inputs or LiteralMap({})).literals) - set(types))
@@ -153,6 +157,18 @@ class CornserveConnector(AsyncConnectorBase):
 
 #: the longest failure message: Propeller keeps it in the node's status (and create()'s in the resource meta)
 MAX_MESSAGE = 8192
+
+
+def _unreadable_custom(name: str, custom: dict[str, Any]) -> str:
+    """Why this connector cannot read a template's `custom`, or "" if it can (schema 0, written
+    before the schema was, has the layout of schema 1)."""
+    if "unit_task" not in custom:
+        return f"task {name}: its template's custom has no unit_task: not a cornserve task template"
+    schema = custom.get("schema", 0)
+    if not isinstance(schema, (int, float)) or schema > CUSTOM_SCHEMA:
+        return (f"task {name}: its template's custom has schema {schema!r}, written by a newer flyte-cornserve than "
+                f"this connector, which reads schema {CUSTOM_SCHEMA} and older: upgrade the connector's image")
+    return ""
 
 
 def _bounded(message: str, limit: int = MAX_MESSAGE) -> str:

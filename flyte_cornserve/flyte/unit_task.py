@@ -28,6 +28,9 @@ from .decks import DECK_TITLE
 from .local_run import run_locally
 
 TASK_TYPE = "cornserve"
+#: the version of the TaskTemplate's `custom` this code writes. A template without one (written
+#: before 0.2) has the same layout: `unit_task`, `descriptor`, `deployment_id`.
+CUSTOM_SCHEMA = 1
 
 _flyte_tasks: dict[str, CornserveTask] = {}
 
@@ -59,6 +62,7 @@ class CornserveTask(PythonTask):
 
     def get_custom(self, settings: SerializationSettings) -> dict[str, Any]:
         return {
+            "schema": CUSTOM_SCHEMA,
             "unit_task": json.loads(self.unit_task.to_json()),
             "descriptor": self.descriptor.spec(),
             "deployment_id": self.unit_task.deployment_id(),

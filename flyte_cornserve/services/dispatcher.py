@@ -154,13 +154,22 @@ class Dispatcher:
 
     async def submit(self, task: UnitTask, request: TaskIO | Mapping[str, Any], attempts: int = 1,
                      progress: Progress | None = None, wait_ready: bool = True, watch: bool = False) -> Submission:
-        """Validate, route, deploy if needed, enqueue. Raises `TaskInputError` for bad input and
-        `ControlPlaneError` for a deployment that is refused. Without `wait_ready` it enqueues as
-        soon as the deployment is admitted (its executors pick the invocation up once they serve).
-        With `watch`, `outcome()` learns of its end from this dispatcher's shared reader."""
-        validated = await self.resolve_tensors(task, task.validate_input(request), progress)
+        """Validate, route, deploy if needed, compute gone input tensors again (`resolve_tensors`),
+        enqueue. Raises `TaskInputError` for bad input and `ControlPlaneError` for a deployment that
+        is refused. Without `wait_ready` it enqueues as soon as the deployment is admitted (its
+        executors pick the invocation up once they serve). With `watch`, `outcome()` learns of its
+        end from this dispatcher's shared reader."""
+        validated = task.validate_input(request)
         target, why = await self.choose(task)
-        deployment_id = await self.deploy(target, progress, wait=wait_ready)
+        # its deployment starts while any of its input tensors that is gone is computed again
+        deploying = asyncio.ensure_future(self.deploy(target, progress, wait=wait_ready))
+        try:
+            validated = await self.resolve_tensors(task, validated, progress)
+        except BaseException:
+            deploying.cancel()  # (the control plane goes on deploying: only this wait ends)
+            await asyncio.gather(deploying, return_exceptions=True)
+            raise
+        deployment_id = await deploying
         timeout = task.options.timeout
         timeout_s = timeout.total_seconds() if timeout is not None else None
         payload = descriptor_for(target).encode_request(validated)
