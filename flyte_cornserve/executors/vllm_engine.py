@@ -34,6 +34,7 @@ from flyte_cornserve.protocol.invocations import ErrorKind, Invocation, Outcome,
 from flyte_cornserve.sidecar.client import Transfer
 from flyte_cornserve.sidecar.errors import SidecarError
 from flyte_cornserve.task import TensorRef
+from flyte_cornserve.task.options import quantity_bytes
 
 from .handler import Handler
 
@@ -43,7 +44,7 @@ FLOAT_DTYPES = {"float16", "bfloat16", "float32"}
 FETCH_TIMEOUT_S = 30.0
 
 
-class TensorSource(Protocol):
+class TensorReader(Protocol):
     """The part of the sidecar client the LLM needs."""
 
     def get(self, ref: TensorRef, *, timeout: float) -> Any: ...
@@ -70,10 +71,10 @@ class VLLMHandler(Handler):
     #: less for each of its tokens.
     max_num_seqs = 64
 
-    def __init__(self, descriptor: TaskExecutionDescriptor, store: TensorSource) -> None:
+    def __init__(self, descriptor: TaskExecutionDescriptor, store: TensorReader) -> None:
         args = descriptor.executor_args()
         self.model_id: str = args["model_id"]
-        self.max_model_len: int = int(args.get("max_model_len", 256))
+        self.engine_args: dict[str, Any] = dict(args.get("engine", {}))  # `EngineArgs`, the ones set
         self.input_model, _ = descriptor.task.io_models()
         self.store = store
         self.engine = None
@@ -115,12 +116,12 @@ class VLLMHandler(Handler):
         self.hidden_size = text_config.hidden_size
         self.image_tokens = int(getattr(config, "image_seq_length", 0)) if multimodal else 0
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        max_model_len = min(self.max_model_len, text_config.max_position_embeddings)
+        import torch
+
         engine_args = AsyncEngineArgs(
-            model=str(path), dtype="float32", enforce_eager=True, seed=0, max_model_len=max_model_len,
-            # what max_num_seqs full-length sequences need (VLLM_CPU_KVCACHE_SPACE, in GiB, overrides)
-            kv_cache_memory_bytes=kv_cache_bytes(text_config, self.max_num_seqs, max_model_len),
-            max_num_seqs=self.max_num_seqs, scheduling_policy="priority", disable_log_stats=True,
+            model=str(path), seed=0, max_num_seqs=self.max_num_seqs, scheduling_policy="priority",
+            disable_log_stats=True,
+            **engine_settings(self.engine_args, text_config, torch.cuda.is_available(), self.max_num_seqs),
             # every embedding is new (its id is unique): vLLM's cache of processed inputs would
             # only grow with the number of requests served
             mm_processor_cache_gb=0,
@@ -316,6 +317,33 @@ class VLLMHandler(Handler):
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
         return "<image>" * images + prompt
+
+
+#: the longest sequence an engine on CPU takes unless its task says otherwise (`EngineArgs.max_model_len`)
+CPU_MAX_MODEL_LEN = 256
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def engine_settings(engine: dict[str, Any], text_config: Any, gpu: bool, max_num_seqs: int) -> dict[str, Any]:
+    """vLLM engine arguments from the task's `EngineArgs` (the ones set) and the hardware: unset ones
+    are the project's CPU settings (float32, eager, CPU_MAX_MODEL_LEN tokens, a KV cache for
+    `max_num_seqs` full sequences: VLLM_CPU_KVCACHE_SPACE, in GiB, overrides it), or on a GPU
+    vLLM's own (dtype auto, CUDA graphs, the model's length, 90 % of the GPU's memory)."""
+    longest = text_config.max_position_embeddings
+    max_model_len = min(engine.get("max_model_len") or (longest if gpu else CPU_MAX_MODEL_LEN), longest)
+    dtype = engine.get("dtype") or ("auto" if gpu else "float32")
+    settings: dict[str, Any] = {
+        "dtype": dtype, "max_model_len": max_model_len, "enforce_eager": engine.get("enforce_eager", not gpu),
+        "tensor_parallel_size": engine.get("tensor_parallel_size", 1),
+    }
+    if gpu:
+        settings["gpu_memory_utilization"] = engine.get("gpu_memory_utilization", 0.9)
+    if engine.get("kv_cache_memory"):
+        settings["kv_cache_memory_bytes"] = quantity_bytes(engine["kv_cache_memory"])
+    elif not gpu:
+        settings["kv_cache_memory_bytes"] = kv_cache_bytes(text_config, max_num_seqs, max_model_len,
+                                                           DTYPE_BYTES.get(dtype, 4))
+    return settings
 
 
 def kv_cache_bytes(text_config: Any, sequences: int, tokens: int, dtype_bytes: int = 4) -> int:

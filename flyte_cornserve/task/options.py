@@ -12,6 +12,15 @@ _UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
+def quantity_bytes(value: str) -> int:
+    """The bytes of a Kubernetes-style quantity (512Mi, 4Gi, 1G, 1000): the project's one size syntax."""
+    match = _QUANTITY.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a quantity like 512Mi or 4Gi")
+    number, _, unit = match.groups()
+    return int(float(number) * _UNITS[unit])
+
+
 class Resources(BaseModel):
     """What one executor of a unit task needs. Part of the deployment: it sizes the executors."""
 
@@ -24,14 +33,12 @@ class Resources(BaseModel):
     @field_validator("memory")
     @classmethod
     def _quantity(cls, value: str) -> str:
-        if not _QUANTITY.match(value):
-            raise ValueError(f"memory {value!r} is not a quantity like 512Mi or 4Gi")
+        quantity_bytes(value)
         return value
 
     @property
     def memory_bytes(self) -> int:
-        number, _, unit = _QUANTITY.match(self.memory).groups()  # type: ignore[union-attr]
-        return int(float(number) * _UNITS[unit])
+        return quantity_bytes(self.memory)
 
 
 #: retries of recoverable failures unless a task says otherwise. Not 0: FlytePropeller counts a failed

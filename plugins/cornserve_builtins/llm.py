@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flyte_cornserve.descriptors import TaskExecutionDescriptor, register_descriptor
 from flyte_cornserve.task import Resources, TaskIO, TensorRef, UnitTask
+from flyte_cornserve.task.options import quantity_bytes
 
 
 class SamplingParams(BaseModel):
@@ -18,6 +19,29 @@ class SamplingParams(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     ignore_eos: bool = Field(default=False, description="generate exactly max_tokens (benchmarks, tests)")
+
+
+class EngineArgs(BaseModel):
+    """The vLLM engine's settings: part of the deployment (they change the engine). Unset ones take
+    the executor's defaults for the hardware it finds: on CPU the project's (float32, eager, at most
+    256 tokens, a KV cache sized for the sequences it steps at once), on a GPU vLLM's own (dtype
+    auto, CUDA graphs, the model's full length, 90 % of the GPU's memory)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_model_len: int | None = Field(default=None, gt=0, description="tokens per sequence (prompt and output)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine spans")
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="share of each GPU's memory")
+    enforce_eager: bool | None = Field(default=None, description="no CUDA graphs (faster start, slower steps)")
+    kv_cache_memory: str | None = Field(default=None, description="the KV cache's size, e.g. 4Gi")
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None:
+            quantity_bytes(value)
+        return value
 
 
 class LLMInput(TaskIO):
@@ -40,8 +64,16 @@ class LLMTask(UnitTask[LLMInput, LLMOutput]):
     model_id: str = Field(min_length=1)
     alternative_models: tuple[str, ...] = ()
     sampling: SamplingParams = SamplingParams()
+    engine: EngineArgs = EngineArgs()
 
     NOT_IDENTITY: ClassVar[frozenset[str]] = UnitTask.NOT_IDENTITY | {"sampling", "alternative_models"}
+
+    @model_validator(mode="after")
+    def _gpus_for_tensor_parallelism(self) -> LLMTask:
+        parallel = self.engine.tensor_parallel_size
+        if parallel > 1 and (self.resources is None or self.resources.gpu < parallel):
+            raise ValueError(f"engine.tensor_parallel_size={parallel} needs resources with gpu >= {parallel}")
+        return self
 
     def routing_candidates(self) -> list[UnitTask]:
         models = dict.fromkeys((self.model_id, *self.alternative_models))  # ordered, without repeats
@@ -56,7 +88,7 @@ class VLLMDescriptor(TaskExecutionDescriptor[LLMTask]):
     default_resources = Resources(cpu=1, memory="4Gi")
 
     def executor_args(self) -> dict[str, Any]:
-        return {"model_id": self.task.model_id}
+        return {"model_id": self.task.model_id, "engine": self.task.engine.model_dump(exclude_none=True)}
 
     def encode_request(self, request: TaskIO) -> dict[str, Any]:
         return {**request.model_dump(mode="json"), "sampling": self.task.sampling.model_dump(mode="json")}
