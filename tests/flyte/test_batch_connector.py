@@ -41,7 +41,7 @@ from ..stack import Stack
 #: slow enough items (64 generated tokens, 16 in flight) that a batch of ITEMS takes seconds
 SLOW = LLMTask(model_id="tiny-llava", sampling=SamplingParams(max_tokens=64, ignore_eos=True))
 OPTIONS = BatchOptions(max_in_flight=16)
-ITEMS = 240
+ITEMS = 160
 CATEGORY = agent_pb2.TaskCategory(name="cornserve_batch", version=0)
 TERMINAL = {TaskExecution.SUCCEEDED, TaskExecution.FAILED, TaskExecution.RETRYABLE_FAILED, TaskExecution.ABORTED}
 
