@@ -214,6 +214,11 @@ class LocalBackend(ExecutorBackend):
         self._sidecar: LocalProcess | None = None
         self.sidecar_info: dict = {}
         self._sidecar_lock: asyncio.Lock | None = None
+        # this machine's GPUs as the control plane sees them (its own CUDA_VISIBLE_DEVICES, if set),
+        # as many as its capacity declares; each GPU executor gets devices of its own
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(capacity.gpu)]
+        self.free_gpus: list[str] = devices[:capacity.gpu]
 
     def nodes(self) -> list[Node]:
         groups = {GROUP_CPU} | ({GROUP_GPU} if self.capacity.gpu > 0 else set())
@@ -245,11 +250,31 @@ class LocalBackend(ExecutorBackend):
             self.sidecar_info = await self._sidecar.ready()
 
     async def start_executor(self, spec: ExecutorSpec) -> ExecutorHandle:
+        """Start an executor with `spec.resources.gpu` GPUs of its own (`CUDA_VISIBLE_DEVICES`; none
+        for a CPU executor, so it never touches one), given back when it exits."""
+        if spec.resources.gpu > len(self.free_gpus):
+            raise ExecutorStartError(f"executor {spec.executor_id} needs {spec.resources.gpu} GPU(s); "
+                                     f"{len(self.free_gpus)} free on {self.node_name}")
+        gpus, self.free_gpus = self.free_gpus[:spec.resources.gpu], self.free_gpus[spec.resources.gpu:]
         command = [*CLI, "executor", "--task", spec.task_json, "--executor-id", spec.executor_id]
-        process = LocalProcess(command, self._env(), self.logs / f"{spec.executor_id}.log",
-                               f"executor {spec.executor_id} of deployment {spec.deployment_id}",
-                               EXECUTOR_START_TIMEOUT_S)
-        return LocalExecutor(spec, process)
+        try:
+            process = LocalProcess(command, {**self._env(), "CUDA_VISIBLE_DEVICES": ",".join(gpus)},
+                                   self.logs / f"{spec.executor_id}.log",
+                                   f"executor {spec.executor_id} of deployment {spec.deployment_id}",
+                                   EXECUTOR_START_TIMEOUT_S)
+        except BaseException:
+            self.free_gpus += gpus
+            raise
+        handle = LocalExecutor(spec, process)
+        if gpus:
+            asyncio.ensure_future(self._give_back(handle, gpus))
+        return handle
+
+    async def _give_back(self, handle: ExecutorHandle, gpus: list[str]) -> None:
+        try:
+            await handle.exited()
+        finally:
+            self.free_gpus += gpus
 
     async def stop_executor(self, handle: ExecutorHandle, grace_s: float = 60.0) -> None:
         assert isinstance(handle, LocalExecutor)
