@@ -591,9 +591,9 @@ class BatchRunner:
 
     def _take_stored(self, target: UnitTask, entries: list[Entry], ref: TensorRef) -> None:
         """Each entry's output is the stored tensor `ref` (already pinned for them)."""
-        descriptor = descriptor_for(target)
+        descriptor, producer = descriptor_for(target), target.compact_json()  # once: this runs per item
         for entry in entries:
-            output = descriptor.response_for(with_source(ref, target, entry.content, entry.digest))
+            output = descriptor.response_for(with_source(ref, producer, entry.content, entry.digest))
             self._settle(entry.work, Outcome(output=output), target)
         self._count_hits(target, len(entries), ref)
 

@@ -17,7 +17,7 @@ import pathlib
 import urllib.parse
 
 from flyte_cornserve.protocol.content import content_digest, tensor_source
-from flyte_cornserve.task import TensorRef, UnitTask
+from flyte_cornserve.task import TensorRef
 
 
 def input_digest(content: bytes | str) -> str | None:
@@ -41,7 +41,8 @@ def _local_path(reference: str) -> pathlib.Path | None:
     return pathlib.Path(reference).expanduser()
 
 
-def with_source(ref: TensorRef, producer: UnitTask, content: bytes | str, digest: str) -> TensorRef:
-    """`ref` as the output of an item whose input is `content`: its source names that item's input."""
+def with_source(ref: TensorRef, producer_json: str, content: bytes | str, digest: str) -> TensorRef:
+    """`ref` as the output of an item whose input is `content`: its source names that item's input
+    and the producer (`UnitTask.compact_json()`)."""
     reference = content if isinstance(content, str) else None
-    return ref.model_copy(update={"source": tensor_source(producer.compact_json(), reference, digest)})
+    return ref.model_copy(update={"source": tensor_source(producer_json, reference, digest)})
