@@ -23,7 +23,8 @@ from contextlib import contextmanager
 log = logging.getLogger(__name__)
 
 # The phases the project's executors report, in the order they happen.
-BUILDING_MODEL = "building the model"  # a tiny model built here on first use (models/resolve.py)
+DOWNLOADING_MODEL = "downloading the model"  # a Hugging Face model not in the node's cache (models/hub.py)
+BUILDING_MODEL = "building the model"  # or: a tiny model built here on first use (models/resolve.py)
 LOADING_WEIGHTS = "loading weights"  # the encoder's model, into this process
 STARTING_ENGINE = "starting the engine"  # vLLM: its engine core and worker processes (they load the weights)
 

@@ -171,8 +171,9 @@ class EncoderHandler(Handler):
             self._redis.close()
 
     def _load(self):
-        """Phases: building the model (a tiny one, on first use), loading weights. No warm-up: the
-        first encode costs a few milliseconds more than the next ones, not worth a phase."""
+        """Phases: downloading the model (one not in the Hugging Face cache) or building it (a tiny
+        one, on first use), loading weights. No warm-up: the first encode costs a few milliseconds
+        more than the next ones, not worth a phase."""
         path = resolve_model(self.model_id)
         self.output_identity = output_identity(self.model_id, self.modality, path, ENCODER_VERSION)
         with phase(LOADING_WEIGHTS):

@@ -90,11 +90,12 @@ class VLLMHandler(Handler):
         self._preempted: set[str] = set()  # engine requests of batch items stopped for interactive ones
 
     async def start(self) -> None:
-        """Phases: building the model (a tiny one, on first use), starting the engine. vLLM loads
-        the weights in its engine core's worker process, inside the engine's start, where nothing
-        here can mark it (for the tiny models it takes 0.01 s of about 30 s, most of them spent
-        importing vLLM in the new processes). No warm-up: eager mode compiles nothing, and the first
-        request takes tens of milliseconds more than the next ones."""
+        """Phases: downloading the model (one not in the Hugging Face cache) or building it (a tiny
+        one, on first use), starting the engine. vLLM loads the weights in its engine core's worker
+        process, inside the engine's start, where nothing here can mark it (for the tiny models it
+        takes 0.01 s of about 30 s, most of them spent importing vLLM in the new processes). No
+        warm-up: eager mode compiles nothing, and the first request takes tens of milliseconds more
+        than the next ones."""
         for name, folder in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
             os.environ.setdefault(name, str(cornserve_home() / folder))
         # At shutdown the engine core waits this long for its worker before it SIGTERMs it, and is

@@ -3,7 +3,8 @@
 A path to a folder is used as it is. The names of the project's tiny models (`tiny-llava`,
 `tiny-llama`) resolve to `$CORNSERVE_HOME/models/<name>`, built on first use (an executor reports
 that as its "building the model" phase). Anything else is a
-Hugging Face model id, resolved from the local Hugging Face cache (no hub is reachable here).
+Hugging Face model id: its snapshot in the Hugging Face cache, downloaded there first if it is not
+cached (`hub.py`; an executor reports that as its "downloading the model" phase).
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ log = logging.getLogger(__name__)
 
 
 class ModelNotFoundError(LookupError):
-    """`model_id` names no folder, no tiny model and nothing in the local Hugging Face cache."""
+    """`model_id` names no folder, no tiny model, and no Hugging Face model that is cached or could be
+    downloaded; the message says what to set."""
 
 
 def models_dir() -> pathlib.Path:
     return cornserve_home() / "models"
 
 
-def resolve_model(model_id: str, build: bool = True) -> pathlib.Path:
+def resolve_model(model_id: str) -> pathlib.Path:
     from .tiny import TINY_MODELS, build_tiny
 
     path = pathlib.Path(model_id).expanduser()
@@ -34,18 +36,20 @@ def resolve_model(model_id: str, build: bool = True) -> pathlib.Path:
     if model_id in TINY_MODELS:
         target = models_dir() / model_id
         if not (target / "config.json").exists():
-            if not build:
-                raise ModelNotFoundError(f"tiny model {model_id!r} is not built yet: run `cornserve models build-tiny`")
             log.info("building tiny model %s into %s (first use, about 30 s)", model_id, models_dir())
             with phase(BUILDING_MODEL):  # or waiting for another process that builds it
                 build_tiny(model_id, models_dir())
         return target
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
-        return pathlib.Path(snapshot_download(model_id, local_files_only=True))
-    except Exception as exc:  # the hub client raises several kinds for "not there"
+    from .hub import hub_model
+
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
         raise ModelNotFoundError(
-            f"model {model_id!r} is neither a folder, a tiny model ({', '.join(TINY_MODELS)}) nor in the "
-            f"local Hugging Face cache: {exc}"
+            f"model {model_id!r} is neither a folder, a tiny model ({', '.join(TINY_MODELS)}) nor a Hugging Face "
+            f"model id ('name' or 'org/name')"
         ) from None
+    return hub_model(model_id)
