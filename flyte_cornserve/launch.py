@@ -9,7 +9,9 @@ read from log lines: it is either
   environment and the child, once it serves, writes JSON there atomically with `announce_ready()`
   (what it wants to tell: its address, its metrics URL...); the launcher returns it as `info`; or
 - `ReadySocket(path=...)` / `ReadySocket(host=..., port=...)`: a unix or TCP socket that accepts
-  connections.
+  connections; or
+- `ReadyCommand(command)`: a command that exits 0, run with the child's environment (a Kubernetes exec
+  probe, for a container run here as it is: the child's environment then names its ready file itself).
 
 `start()` and `Launched.wait_ready()` do the two halves separately (a caller that records the pid
 first, or waits in a thread). Stdlib only.
@@ -73,6 +75,22 @@ class ReadySocket:
         return True
 
 
+@dataclass(frozen=True)
+class ReadyCommand:
+    """Ready once `command`, run with the child's environment every `period_s`, exits 0."""
+
+    command: tuple[str, ...]
+    period_s: float = 0.1
+
+    def succeeds(self, env: dict[str, str]) -> bool:
+        done = subprocess.run(self.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=30)
+        return done.returncode == 0
+
+
+Readiness = ReadyFile | ReadySocket | ReadyCommand
+
+
 def announce_ready(**info: Any) -> None:
     """In a launched child: say it serves, telling `info` (JSON) to the launcher. Writes
     `$CORNSERVE_READY_FILE` atomically (write, then rename) and removes the variable, so that what
@@ -90,14 +108,15 @@ def announce_ready(**info: Any) -> None:
 class Launched:
     """A started child: `process`, `log_path`, `log_tail()`, and once ready the `info` it announced."""
 
-    def __init__(self, process: subprocess.Popen, log_path: pathlib.Path, ready: ReadyFile | ReadySocket,
-                 ready_dir: pathlib.Path | None, what: str) -> None:
+    def __init__(self, process: subprocess.Popen, log_path: pathlib.Path, ready: Readiness,
+                 ready_dir: pathlib.Path | None, what: str, env: dict[str, str]) -> None:
         self.process = process
         self.log_path = log_path
         self.what = what
         self.info: dict[str, Any] = {}
         self._ready = ready
         self._ready_dir = ready_dir
+        self._env = env
 
     @property
     def pid(self) -> int:
@@ -117,6 +136,8 @@ class Launched:
     def _is_ready(self) -> bool:
         if isinstance(self._ready, ReadySocket):
             return self._ready.accepts()
+        if isinstance(self._ready, ReadyCommand):
+            return self._ready.succeeds(self._env)
         assert self._ready_dir is not None
         try:
             self.info = json.loads((self._ready_dir / "ready.json").read_text())
@@ -147,7 +168,8 @@ class Launched:
                     self.kill()
                     raise LaunchError(f"{self.what} was not ready within {timeout_s:g} s (stopped); the end of its "
                                       f"log ({self.log_path}):\n{self.log_tail()}", self.log_tail(), None)
-                select.select([pidfd], [], [], min(_POLL_S, left))
+                period = self._ready.period_s if isinstance(self._ready, ReadyCommand) else _POLL_S
+                select.select([pidfd], [], [], min(period, left))
         finally:
             if pidfd is not None:
                 os.close(pidfd)
@@ -167,7 +189,7 @@ class Launched:
         self.process.wait()
 
 
-def start(command: list[str], env: dict[str, str] | None, log_path: pathlib.Path, ready: ReadyFile | ReadySocket,
+def start(command: list[str], env: dict[str, str] | None, log_path: pathlib.Path, ready: Readiness,
           what: str | None = None, **popen: Any) -> Launched:
     """Start `command` with `env` (default: this process's), stdin from /dev/null and its output appended
     to `log_path`; `popen`: further `subprocess.Popen` arguments (`process_group=0`, `start_new_session`).
@@ -177,7 +199,7 @@ def start(command: list[str], env: dict[str, str] | None, log_path: pathlib.Path
     if isinstance(ready, ReadyFile):
         ready_dir = pathlib.Path(tempfile.mkdtemp(prefix="cornserve-ready-"))
         env[ENV_READY_FILE] = str(ready_dir / "ready.json")
-    else:
+    elif isinstance(ready, ReadySocket):
         env.pop(ENV_READY_FILE, None)  # not for it: one it inherited names someone else's
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -188,10 +210,10 @@ def start(command: list[str], env: dict[str, str] | None, log_path: pathlib.Path
         if ready_dir is not None:
             shutil.rmtree(ready_dir, ignore_errors=True)
         raise
-    return Launched(process, log_path, ready, ready_dir, what or log_path.stem)
+    return Launched(process, log_path, ready, ready_dir, what or log_path.stem, env)
 
 
-def launch(command: list[str], env: dict[str, str] | None, log_path: pathlib.Path, ready: ReadyFile | ReadySocket,
+def launch(command: list[str], env: dict[str, str] | None, log_path: pathlib.Path, ready: Readiness,
            timeout_s: float, what: str | None = None, **popen: Any) -> Launched:
     """`start()`, then `wait_ready(timeout_s)`: a child that is ready (its announced `info` in `.info`)."""
     launched = start(command, env, log_path, ready, what, **popen)

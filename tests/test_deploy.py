@@ -1,7 +1,8 @@
 """`deploy/` as a reader (and kustomize) takes it: every file and patch target a kustomization names
 exists; every whole Kubernetes object, and every object an overlay's patches make of one, validates
-strictly against the Kubernetes 1.30 OpenAPI schema; the FlytePropeller snippets route both task
-types to the connector's Service. (No kustomize binary or API server runs here: patches are plain
+strictly against the Kubernetes 1.30 OpenAPI schema; the control plane runs the Kubernetes backend
+with the permissions and Secrets its executor pods need (the pods themselves: tests/services/
+test_pods.py); the FlytePropeller snippets route both task types to the connector's Service. (No kustomize binary or API server runs here: patches are plain
 strategic-merge patches, applied below the way kustomize merges them: maps key by key, lists of
 named items by name, anything else replaced.)"""
 
@@ -13,6 +14,12 @@ import pathlib
 import kubernetes_validate
 import pytest
 import yaml
+
+from cornserve_builtins.encoder import EncoderTask
+from flyte_cornserve.descriptors import descriptor_for
+from flyte_cornserve.services.backend import ExecutorSpec
+from flyte_cornserve.services.cli import up
+from flyte_cornserve.services.pods import PodSettings, executor_pod
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[1] / "deploy"
 KUBERNETES = "1.30.0"
@@ -84,13 +91,65 @@ def test_every_object_validates_strictly_against_kubernetes_1_30(folder: pathlib
             "RoleBinding", "Secret"} <= kinds
 
 
-def test_the_gpu_overlay_asks_for_gpus_and_tolerates_gpu_nodes() -> None:
-    built = {identity(o): o for o in objects(DEPLOY / "overlays" / "gpu")}
+def control_plane(folder: pathlib.Path) -> tuple[dict, dict]:
+    """(pod spec, container) of the control plane's Deployment that `folder` builds."""
+    built = {identity(o): o for o in objects(folder)}
     pod = built[("Deployment", "cornserve-control-plane")]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and "--gpu" in container["args"]
+    return pod, container
+
+
+@pytest.mark.parametrize("folder", ["base", "overlays/cpu", "overlays/gpu"])
+def test_the_control_plane_runs_executors_as_pods_of_its_own_image_in_its_namespace(folder: str) -> None:
+    pod, container = control_plane(DEPLOY / folder)
+    args = container["args"]
+    assert args[:4] == ["up", "--foreground", "--backend", "kubernetes"]
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}  # its image: the executors'
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["CORNSERVE_METRICS_HOST"]["value"] == "0.0.0.0"  # its probes reach it at the pod's IP
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})  # no executor runs in it
+    assert [volume["name"] for volume in pod["volumes"]] == ["home"]  # no shared memory: no sidecar here
+
+
+def test_the_gpu_overlay_lets_executors_reserve_gpus_and_runs_sidecars_on_gpu_nodes() -> None:
+    _, container = control_plane(DEPLOY / "overlays" / "gpu")
+    assert int(container["args"][container["args"].index("--gpu") + 1]) > 0
     assert container["env"] and container["volumeMounts"]  # the base's, kept by the merge
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    built = {identity(o): o for o in objects(DEPLOY / "overlays" / "gpu")}
+    sidecar = built[("DaemonSet", "cornserve-sidecar")]["spec"]["template"]["spec"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in sidecar["tolerations"]
+
+
+def test_the_role_grants_what_the_kubernetes_backend_calls_and_no_more() -> None:
+    built = {identity(o): o for o in objects(DEPLOY / "base")}
+    rules = {(rule["apiGroups"][0], resource): (set(rule["verbs"]), rule.get("resourceNames"))
+             for rule in built[("Role", "cornserve-control-plane")]["rules"] for resource in rule["resources"]}
+    owner = next(p.default for p in up.params if p.name == "owner")
+    assert owner == "cornserve-control-plane" and ("Deployment", owner) in built
+    assert rules == {
+        ("", "pods"): ({"get", "list", "watch", "create", "delete"}, None),  # executor pods, and its own
+        ("", "pods/log"): ({"get"}, None),  # an ended executor's log tail
+        ("apps", "deployments"): ({"get"}, [owner]),  # the executor pods' owner
+    }
+
+
+def test_the_executor_pods_secrets_are_the_ones_deploy_defines_or_names() -> None:
+    """The Redis URL's Secret is redis.yaml's; the sidecars' token is the Secret the sidecar
+    DaemonSet reads (its comment says how to create it)."""
+    task = EncoderTask(model_id="m")
+    spec = ExecutorSpec("e-1", task.deployment_id(), task.to_json(), "cluster", descriptor_for(task).resources())
+    pod = executor_pod(spec, PodSettings(namespace="cornserve", image="flyte-cornserve")).to_dict()
+    wanted = {(v["name"], v["valueFrom"]["secretKeyRef"]["name"], v["valueFrom"]["secretKeyRef"]["key"])
+              for v in pod["spec"]["containers"][0]["env"] if "secretKeyRef" in v.get("valueFrom", {})
+              and not v["valueFrom"]["secretKeyRef"].get("optional")}
+    built = {identity(o): o for o in objects(DEPLOY / "base")}
+    sidecar = built[("DaemonSet", "cornserve-sidecar")]["spec"]["template"]["spec"]["containers"][0]
+    read_by_sidecar = {(v["name"], v["valueFrom"]["secretKeyRef"]["name"], v["valueFrom"]["secretKeyRef"]["key"])
+                       for v in sidecar["env"] if "secretKeyRef" in v.get("valueFrom", {})}
+    assert wanted == read_by_sidecar  # the Redis URL and the token, from the same Secrets
+    redis_secret = built[("Secret", "cornserve-redis")]
+    assert ("CORNSERVE_REDIS_URL", "cornserve-redis", "url") in wanted and "url" in redis_secret["stringData"]
 
 
 @pytest.mark.parametrize("values, plugins", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import socket
@@ -11,7 +12,7 @@ import tempfile
 import pytest
 
 from flyte_cornserve.home import cornserve_home
-from flyte_cornserve.launch import ENV_READY_FILE, LaunchError, ReadyFile, ReadySocket, launch, start
+from flyte_cornserve.launch import ENV_READY_FILE, LaunchError, ReadyCommand, ReadyFile, ReadySocket, launch, start
 
 ANNOUNCE = "from flyte_cornserve.launch import announce_ready; "
 
@@ -77,3 +78,17 @@ def test_a_tcp_socket_that_nobody_opens_times_out(tmp_path: pathlib.Path) -> Non
                       ReadySocket(port=port))
         with pytest.raises(LaunchError, match="not ready within"):
             child.wait_ready(0.3)
+
+
+def test_a_command_is_ready_once_it_succeeds_with_the_childs_own_environment(tmp_path: pathlib.Path) -> None:
+    """A Kubernetes exec probe: the child's environment names its ready file; the launcher keeps it."""
+    ready_file = tmp_path / "ready"
+    code = ANNOUNCE + "import signal; announce_ready(serving=True); signal.pause()"
+    probe = ReadyCommand(("sh", "-c", f'test -s "${ENV_READY_FILE}"'))
+    child = launch(python(code), {**os.environ, ENV_READY_FILE: str(ready_file)}, tmp_path / "child.log",
+                   probe, timeout_s=60)
+    try:
+        assert child.process.poll() is None
+        assert ready_file.read_text() == '{"serving": true}'
+    finally:
+        child.kill()

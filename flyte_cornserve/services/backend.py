@@ -2,8 +2,8 @@
 
 The task manager decides *what* runs (which deployment needs an executor, when one must be
 restarted or stopped); a backend decides *how*: the local backend starts `cornserve executor` and
-`cornserve sidecar` processes on this machine. A Kubernetes backend would create Deployments and a
-sidecar DaemonSet behind the same interface.
+`cornserve sidecar` processes on this machine; the Kubernetes backend (`kubernetes_backend`)
+creates a Pod per executor, beside the sidecar DaemonSet that deploy/ installs.
 """
 
 from __future__ import annotations
@@ -44,7 +44,12 @@ def guarded(command: list[str], grace_s: float = ORPHAN_GRACE_S) -> list[str]:
 
 
 class ExecutorStartError(RuntimeError):
-    """The executor exited before it served; the message holds the end of its log."""
+    """The executor will not serve: it exited first, or (a pod) cannot be created, scheduled or started
+    in time; the message says why, with the end of its log if it ran."""
+
+
+class BackendSetupError(RuntimeError):
+    """The backend cannot start: e.g. no cluster to run executors in, or what it needs there is missing."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,10 @@ class ExecutorHandle(ABC):
 class ExecutorBackend(ABC):
     """Runs executors and the per-node sidecars on the backend's nodes."""
 
+    #: its executors go on running when the control plane's process ends (pods), for the next control
+    #: plane to adopt; else they die with it (the local backend's children: `guarded`)
+    executors_outlive_control_plane: bool = False
+
     @abstractmethod
     def nodes(self) -> list[Node]:
         """The nodes with their capacity and groups (read once by the resource manager)."""
@@ -97,6 +106,11 @@ class ExecutorBackend(ABC):
     @abstractmethod
     async def start_executor(self, spec: ExecutorSpec) -> ExecutorHandle:
         """Start one executor; it may still be loading its model when this returns."""
+
+    @abstractmethod
+    async def adopt(self, spec: ExecutorSpec) -> ExecutorHandle | None:
+        """The executor `spec.executor_id` of a previous control plane, if it still runs and this
+        backend can manage it; else None."""
 
     @abstractmethod
     async def stop_executor(self, handle: ExecutorHandle, grace_s: float = 60.0) -> None:
@@ -269,6 +283,11 @@ class LocalBackend(ExecutorBackend):
         if gpus:
             asyncio.ensure_future(self._give_back(handle, gpus))
         return handle
+
+    async def adopt(self, spec: ExecutorSpec) -> ExecutorHandle | None:
+        """None: a previous control plane's children died with it (`guarded`), and a process this
+        one did not start cannot be waited for."""
+        return None
 
     async def _give_back(self, handle: ExecutorHandle, gpus: list[str]) -> None:
         try:

@@ -31,7 +31,8 @@ def _machine_gpus() -> int:
 
 
 @click.command("up")
-@click.option("--cpu", type=click.FloatRange(min=0.1), default=None, help="cores executors may reserve [default: this machine's]")
+@click.option("--cpu", type=click.FloatRange(min=0.1), default=None,
+              help="cores executors may reserve (with --backend kubernetes: across the cluster) [default: this machine's]")
 @click.option("--memory", default=None, help="memory executors may reserve, e.g. 16Gi [default: this machine's]")
 @click.option("--gpu", type=click.IntRange(min=0), default=None, help="GPUs executors may reserve [default: this machine's]")
 @click.option("--idle-ttl", type=click.FloatRange(min=0.1), default=1800.0, show_default=True,
@@ -48,10 +49,46 @@ def _machine_gpus() -> int:
 @click.option("--restart-backoff", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="seconds before restarting an executor that exited; doubles with each exit in the window (30 s at most)")
 @click.option("--foreground", is_flag=True, help="run the control plane in this process (e.g. in a container)")
+@click.option("--backend", type=click.Choice(["local", "kubernetes"]), default="local", show_default=True,
+              help="where executors run: processes on this machine, or pods in the cluster this runs in "
+                   "(with --foreground and CORNSERVE_REDIS_URL; needs the `kubernetes` extra)")
+@click.option("--k8s-namespace", envvar="POD_NAMESPACE", default=None,
+              help="kubernetes: the executor pods' namespace [default: $POD_NAMESPACE, else this pod's own]")
+@click.option("--executor-image", envvar="CORNSERVE_EXECUTOR_IMAGE", default=None,
+              help="kubernetes: the executors' image [default: $CORNSERVE_EXECUTOR_IMAGE, else the image of this "
+                   "pod, named by $POD_NAME]")
+@click.option("--owner", default="cornserve-control-plane", show_default=True,
+              help="kubernetes: the Deployment that owns the executor pods (deleting it deletes them); '' for none")
+@click.option("--pending-timeout", type=click.FloatRange(min=1.0), default=600.0, show_default=True,
+              help="kubernetes: seconds an executor pod may stay Pending (unscheduled, or pulling its image) "
+                   "before its start fails")
+@click.option("--executor-env", multiple=True, metavar="NAME=VALUE",
+              help="kubernetes: an env variable of every executor pod (repeatable)")
+@click.option("--executor-env-secret", multiple=True, metavar="SECRET",
+              help="kubernetes: a Secret whose every key is an env variable of every executor pod, e.g. the object "
+                   "store's credentials (repeatable)")
+@click.option("--executor-service-account", default=None,
+              help="kubernetes: the executor pods' ServiceAccount, e.g. one bound to a cloud role that reads datasets")
 def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, batch_in_flight: int | None,
-       metrics_port: int, restart_limit: int, restart_window: float, restart_backoff: float, foreground: bool) -> None:
+       metrics_port: int, restart_limit: int, restart_window: float, restart_backoff: float, foreground: bool,
+       backend: str, k8s_namespace: str | None, executor_image: str | None, owner: str,
+       pending_timeout: float, executor_env: tuple[str, ...], executor_env_secret: tuple[str, ...],
+       executor_service_account: str | None) -> None:
     """Start the stack: Redis (embedded unless CORNSERVE_REDIS_URL is set) and the control plane."""
+    from flyte_cornserve.redis_server import ENV_URL
     from flyte_cornserve.task import Resources
+
+    pods = None
+    if backend == "kubernetes":
+        if not foreground or not os.environ.get(ENV_URL):
+            raise click.UsageError("--backend kubernetes runs in the cluster: give --foreground, and the Redis the "
+                                   f"executor pods reach as {ENV_URL}")
+        malformed = [entry for entry in executor_env if "=" not in entry or entry.startswith("=")]
+        if malformed:
+            raise click.BadParameter(f"{malformed[0]!r} is not NAME=VALUE", param_hint="--executor-env")
+        pods = {"namespace": k8s_namespace, "image": executor_image, "owner": owner,
+                "pending_timeout_s": pending_timeout, "env": dict(entry.split("=", 1) for entry in executor_env),
+                "env_secrets": executor_env_secret, "service_account": executor_service_account}
 
     from .batch_runner import DEFAULT_MAX_IN_FLIGHT
 
@@ -65,8 +102,6 @@ def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, 
                      "--restart-backoff", str(restart_backoff)]
     restarts = {"restart_limit": restart_limit, "restart_window_s": restart_window, "restart_backoff_s": restart_backoff}
     if not foreground:
-        from flyte_cornserve.redis_server import ENV_URL
-
         from .stack import control_plane_alive, ensure_stack, start_daemon
 
         url = current_url()
@@ -80,20 +115,28 @@ def up(cpu: float | None, memory: str | None, gpu: int | None, idle_ttl: float, 
         click.echo(f"the stack is up: redis {url}; logs in {stack_dir() / 'logs'}")
         return
     _serve(cpu or os.cpu_count() or 1, Resources(memory=memory).memory_bytes,
-           _machine_gpus() if gpu is None else gpu, idle_ttl, batch_in_flight, metrics_port, restarts)
+           _machine_gpus() if gpu is None else gpu, idle_ttl, batch_in_flight, metrics_port, restarts, pods)
 
 
 def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_flight: int,
-           metrics_port: int = 0, restarts: dict[str, float] | None = None) -> None:
+           metrics_port: int = 0, restarts: dict[str, float] | None = None, pods: dict[str, Any] | None = None) -> None:
+    """`pods`: run executors as pods (`KubernetesBackend.connect`'s arguments), not as processes here."""
     from flyte_cornserve.home import use_project_tmp
     from flyte_cornserve.launch import announce_ready
     from flyte_cornserve.redis_server import ENV_URL, connect_async, redis_url
 
-    from .backend import LocalBackend
+    from .backend import BackendSetupError, ExecutorBackend, LocalBackend
     from .control_plane import ControlPlane
     from .resources import Capacity
     from .stack import clear_state, write_state
 
+    if pods is not None:
+        try:
+            from .kubernetes_backend import KubernetesBackend
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("lightkube"):
+                raise
+            raise click.ClickException("--backend kubernetes needs lightkube: install flyte-cornserve[kubernetes]") from None
     use_project_tmp()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     embedded = not os.environ.get(ENV_URL)
@@ -104,14 +147,19 @@ def _serve(cpu: float, memory_bytes: int, gpu: int, idle_ttl: float, batch_in_fl
     url = redis_url()  # the embedded server unless CORNSERVE_REDIS_URL is set; exported to children
     logs = stack_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    backend = LocalBackend(url, logs, Capacity(cpu, memory_bytes, gpu))
 
     async def main() -> None:
+        capacity = Capacity(cpu, memory_bytes, gpu)
+        try:
+            backend: ExecutorBackend = (LocalBackend(url, logs, capacity) if pods is None
+                                        else await KubernetesBackend.connect(capacity, **pods))
+        except BackendSetupError as exc:
+            raise click.ClickException(str(exc)) from None
         plane = ControlPlane(connect_async(url), backend, idle_ttl_s=idle_ttl, batch_in_flight=batch_in_flight,
                              metrics_port=metrics_port, restarts=restarts)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, plane.request_stop)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # pods stay for the next control plane; `cornserve down` ends them
+            loop.add_signal_handler(sig, plane.request_stop, backend.executors_outlive_control_plane)
 
         def ready() -> None:
             log_file = logs / "control-plane.log"
@@ -219,7 +267,7 @@ async def _status_tables(url: str, limit: int, batch_limit: int = 10) -> list[An
         executors.add_column(column)
     for deployment in deployments:
         backlog = await store.backlog(deployment.id)
-        table.add_row(deployment.id, deployment.label, deployment.state.value, str(len(deployment.executors)),
+        table.add_row(deployment.id, deployment.label, deployment.state.value, _executor_count(deployment),
                       str(deployment.restarts), str(backlog), _ago(now - deployment.last_used),
                       deployment.message[:80] + (f" ({_ago(now - deployment.phase_since)})"  # a start-up phase
                                                  if deployment.phase_since else ""))
@@ -299,10 +347,19 @@ async def _tensor_cache_tables(client: Any, labels: dict[str, str]) -> list[Any]
     return tables
 
 
+def _executor_count(deployment) -> str:
+    """"2", or "2 (0-4)" when it scales between bounds."""
+    count, bounds = str(len(deployment.executors)), deployment.scaling
+    if bounds and bounds["min"] != bounds["max"]:
+        count += f" ({bounds['min']}-{bounds['max']})"
+    return count
+
+
 @click.command("deploy")
 @click.argument("target")
-@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="executors per deployment")
-def deploy(target: str, replicas: int) -> None:
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="executors per deployment, fixed [default: the task's `replicas` bounds, scaled on backlog]")
+def deploy(target: str, replicas: int | None) -> None:
     """Deploy TARGET's unit tasks now: `module:attr` or `path.py:attr` naming a task, or a unit task's JSON."""
     from .stack import ensure_stack
 
@@ -315,7 +372,7 @@ def deploy(target: str, replicas: int) -> None:
         click.echo(f"{outcome}  {type(task).__name__} ready")
 
 
-async def _deploy_all(url: str, tasks: list[UnitTask], replicas: int) -> list[Any]:
+async def _deploy_all(url: str, tasks: list[UnitTask], replicas: int | None) -> list[Any]:
     from . import control
     from .dispatcher import DEPLOY_TIMEOUT_S
 

@@ -98,6 +98,8 @@ class Deployment:
     last_used: float = 0.0
     #: while DEPLOYING: when the start-up phase the message names began (the executor's clock), else 0
     phase_since: float = 0.0
+    #: its `Replicas` bounds (min, max, backlog_per_executor, idle_s); `replicas` is the executors it has now
+    scaling: dict[str, Any] = field(default_factory=dict)
 
     def to_redis(self) -> dict[str, str]:
         fields = asdict(self)

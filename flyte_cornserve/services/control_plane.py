@@ -73,8 +73,12 @@ class ControlPlane:
                      "sidecars": {node: backend.sidecar_id(node) for node in self.resources.nodes},
                      "executor_log": backend.log_template(), "token": uuid.uuid4().hex}
         self._superseded = False  # another control plane took the liveness key (this one was frozen or cut off)
+        self._keep_executors = False
 
-    def request_stop(self) -> None:
+    def request_stop(self, keep_executors: bool = False) -> None:
+        """Stop serving; then stop every deployment, or with `keep_executors` (a backend whose
+        executors outlive this process) leave them running for the next control plane to adopt."""
+        self._keep_executors = keep_executors
         self._stopping.set()
 
     async def run(self, on_ready=None) -> None:
@@ -114,6 +118,8 @@ class ControlPlane:
             await asyncio.gather(*background, return_exceptions=True)
             if self._superseded:  # the deployments, the key and the entry are the other one's: only our children stop
                 await self.tasks.abandon()
+            elif self._keep_executors:  # e.g. the pod restarts: the next control plane adopts them
+                await self.tasks.detach()
             else:
                 await self.tasks.stop_all()
             await self.backend.close()
@@ -153,7 +159,8 @@ class ControlPlane:
         op, args = request.get("op"), request.get("args") or {}
         try:
             if op == "deploy":
-                deployment = await self.tasks.deploy(args["task"], int(args.get("replicas", 1)), bool(args.get("wait", True)))
+                replicas = int(args["replicas"]) if args.get("replicas") else None  # None: the task's bounds
+                deployment = await self.tasks.deploy(args["task"], replicas, bool(args.get("wait", True)))
                 reply = {"ok": True, "deployment": deployment.id, "state": deployment.state.value}
             elif op == "undeploy":
                 found = await self.tasks.undeploy(args["deployment_id"], "undeployed on request")

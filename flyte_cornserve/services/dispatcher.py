@@ -117,10 +117,12 @@ class Dispatcher:
             f"; {others})" if others else ")")
 
     async def deploy(self, task: UnitTask, progress: Progress | None = None, wait: bool = True) -> str:
-        """Make sure `task` is deployed (and READY, if `wait`); return its deployment id."""
+        """Make sure `task` is deployed (and READY, if `wait`) with its `replicas` bounds; return its
+        deployment id."""
         deployment_id = task.deployment_id()
         deployment = await load_deployment(self.redis, deployment_id)
-        if deployment is not None and deployment.state is DeploymentState.READY:
+        if (deployment is not None and deployment.state is DeploymentState.READY
+                and deployment.scaling == task.replicas.model_dump(mode="json")):
             await control.touch(self.redis, deployment_id)
             return deployment_id
         key = f"{deployment_id}:{wait}"

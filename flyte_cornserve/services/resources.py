@@ -104,6 +104,18 @@ class ResourceManager:
             f"Undeploy something (`cornserve undeploy`) or give the stack more (`cornserve up --cpu/--memory/--gpu`)."
         )
 
+    def node_of(self, executor_id: str) -> str | None:
+        """The node holding `executor_id`'s reservation, if any."""
+        return next((node.name for node in self.nodes.values() if executor_id in node.reserved), None)
+
+    def home(self, resources: Resources) -> Node:
+        """The first node serving `resources`' group (a deployment with no executor yet still has one)."""
+        group = group_of(resources)
+        for node in self.nodes.values():
+            if group in node.groups:
+                return node
+        raise InsufficientResources(f"no node serves executor group {group!r}")
+
     def release(self, executor_id: str) -> None:
         for node in self.nodes.values():
             node.reserved.pop(executor_id, None)

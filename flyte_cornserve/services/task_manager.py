@@ -4,8 +4,10 @@ A deployment is one unit-task configuration (its `deployment_id`): equivalent un
 workflow share it. On first use it reserves resources (refusing what does not fit), starts the
 node's sidecar and the executors, and is READY once they serve. An executor that dies is restarted
 (the new one takes over the dead one's queue entries); a deployment with nothing queued or running
-for `idle_ttl_s` is stopped and its resources are freed. The deployment's record in Redis is what
-clients and `cornserve status` see.
+for `idle_ttl_s` is stopped and its resources are freed. Between its task's `Replicas` bounds it
+gains an executor while its backlog per executor is long, and loses one each time it has been idle
+for the bounds' `idle_s` (`_scale`). The deployment's record in Redis is what clients and `cornserve
+status` see.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import redis.asyncio as aioredis
 from flyte_cornserve.descriptors import descriptor_for
 from flyte_cornserve.protocol.deployments import DEPLOYMENT_EVENTS_MAXLEN, deployment_events_key, executor_key, phases_key
 from flyte_cornserve.protocol.invocations import ErrorKind, InvocationStore, State, _text, queue_keys
-from flyte_cornserve.task import UnitTask, unit_task_from_json
+from flyte_cornserve.task import Replicas, Resources, UnitTask, unit_task_from_json
 
 from .backend import ExecutorBackend, ExecutorHandle, ExecutorSpec, ExecutorStartError
 from .control import (
@@ -35,7 +37,7 @@ from .control import (
     load_deployment,
     phase_message,
 )
-from .resources import ResourceManager
+from .resources import InsufficientResources, ResourceManager
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,20 @@ class ManagedDeployment:
     gone: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     #: when its executors exited (monotonic), within the restart window
     exits: list[float] = field(default_factory=list)
+    #: executors added by scaling that do not serve yet, and executors being stopped by scaling
+    starting: set[str] = field(default_factory=set)
+    retiring: set[str] = field(default_factory=set)
+    #: when (monotonic) it last had a backlog, and when scaling last changed its executors
+    busy_at: float = field(default_factory=time.monotonic)
+    scaled_at: float = field(default_factory=time.monotonic)
+    #: why the last scale-up did not fit (logged once, not every look)
+    no_room: str = ""
+    #: executors that exited and are being replaced (`_watch`)
+    restarting: int = 0
+
+    @property
+    def scaling(self) -> Replicas:
+        return Replicas.model_validate(self.record.scaling)
 
 
 class TaskManager:
@@ -88,29 +104,40 @@ class TaskManager:
 
     # -- deploy / undeploy --------------------------------------------------------------------------
 
-    async def deploy(self, task_json: str, replicas: int = 1, wait: bool = True) -> Deployment:
+    async def deploy(self, task_json: str, replicas: int | None = None, wait: bool = True) -> Deployment:
         """Deploy the unit task (or join its existing deployment); return once it is READY, or at
-        once if not `wait` (it was admitted: it fits; invocations may queue meanwhile)."""
+        once if not `wait` (it was admitted: it fits; invocations may queue meanwhile). `replicas`
+        fixes the executor count; else the task's `replicas` bounds apply (the latest request's)."""
         task = unit_task_from_json(task_json)
+        scaling = Replicas.fixed(replicas) if replicas else task.replicas
         deployment_id = task.deployment_id()
         managed = self.deployments.get(deployment_id)
         if managed is None or managed.stopping:
             if managed is not None:  # an idle stop in progress: let it finish, then deploy afresh
                 await asyncio.shield(managed.gone)
                 return await self.deploy(task_json, replicas, wait)
-            managed = self._admit(task, replicas)
+            # at least one executor to start with: a deploy request means work is coming
+            managed = self._admit(task, scaling, max(scaling.min, 1))
             asyncio.create_task(self._start(managed))
+        elif managed.scaling != scaling:
+            log.info("deployment %s (%s): replicas now %s (were %s)", deployment_id, managed.record.label,
+                     scaling.model_dump(), managed.record.scaling)
+            managed.record.scaling = scaling.model_dump(mode="json")
+            await self._save(managed.record)
         managed.record.last_used = time.time()
         if wait:
             await asyncio.shield(managed.ready)
         return managed.record
 
-    def _admit(self, task: UnitTask, replicas: int) -> ManagedDeployment:
-        """Reserve resources for every replica (all or nothing) and create the DEPLOYING record."""
+    def _admit(self, task: UnitTask, scaling: Replicas, count: int,
+               adopted: dict[str, ExecutorHandle] | None = None) -> ManagedDeployment:
+        """Reserve resources for `count` executors, the `adopted` ones (still running) among them,
+        all or nothing, and create the DEPLOYING record."""
         descriptor = descriptor_for(task)
         deployment_id = task.deployment_id()
         label = describe(task)
-        executor_ids = [f"{deployment_id[:24]}-{uuid.uuid4().hex[:6]}" for _ in range(replicas)]
+        adopted = adopted or {}
+        executor_ids = [*adopted, *(_new_executor_id(deployment_id) for _ in range(count - len(adopted)))]
         nodes = []
         try:
             for executor_id in executor_ids:
@@ -124,10 +151,11 @@ class TaskManager:
         record = Deployment(
             id=deployment_id, label=label, task=task.to_json(), executor_kind=descriptor.executor,
             resources=descriptor.resources().model_dump(mode="json"), state=DeploymentState.DEPLOYING,
-            replicas=replicas, node=nodes[0].name, message="starting executors", executors=executor_ids,
-            created_at=now, last_used=now,
+            replicas=len(executor_ids), node=nodes[0].name if nodes else self.resources.home(descriptor.resources()).name,
+            message="starting executors", executors=executor_ids, created_at=now, last_used=now,
+            scaling=scaling.model_dump(mode="json"),
         )
-        managed = ManagedDeployment(record, task)
+        managed = ManagedDeployment(record, task, executors=dict(adopted))
         self.deployments[deployment_id] = managed
         return managed
 
@@ -136,7 +164,11 @@ class TaskManager:
         await self._save(record, with_last_used=True)
         try:
             await self.backend.ensure_sidecar(record.node)
-            handles = [await self._launch(managed, executor_id) for executor_id in record.executors]
+            handles = list(managed.executors.values())  # adopted: they may serve already
+            for handle in handles:
+                self._watch_later(managed, handle)
+            handles += [await self._launch(managed, executor_id) for executor_id in record.executors
+                        if executor_id not in managed.executors]
             await asyncio.gather(*(handle.ready() for handle in handles))
         except Exception as exc:
             if self.abandoned:  # stopped by `abandon()`: the record is the new control plane's
@@ -156,16 +188,19 @@ class TaskManager:
 
     async def _launch(self, managed: ManagedDeployment, executor_id: str, watch: bool = True) -> ExecutorHandle:
         record = managed.record
-        handle = await self.backend.start_executor(
-            ExecutorSpec(executor_id, record.id, record.task, record.node, descriptor_for(managed.task).resources())
-        )
+        handle = await self.backend.start_executor(ExecutorSpec(
+            executor_id, record.id, record.task, self.resources.node_of(executor_id) or record.node,
+            descriptor_for(managed.task).resources(),
+        ))
         managed.executors[executor_id] = handle
-        if not watch:
-            return handle
+        if watch:
+            self._watch_later(managed, handle)
+        return handle
+
+    def _watch_later(self, managed: ManagedDeployment, handle: ExecutorHandle) -> None:
         watcher = asyncio.create_task(self._watch(managed, handle))
         managed.watchers.add(watcher)
         watcher.add_done_callback(managed.watchers.discard)
-        return handle
 
     async def _watch(self, managed: ManagedDeployment, handle: ExecutorHandle) -> None:
         """Restart the executor whenever it exits while its deployment is meant to run: after a wait
@@ -174,55 +209,70 @@ class TaskManager:
         start counts as an exit; its id never stays in the record."""
         while True:
             code = await handle.exited()
-            if managed.stopping or not managed.ready.done() or managed.ready.exception() is not None:
-                return  # stopping on purpose, or still starting (the start reports that failure)
-            record = managed.record
-            managed.executors.pop(handle.id, None)
-            self.resources.release(handle.id)
-            record.executors = [e for e in record.executors if e != handle.id]
-            now = time.monotonic()
-            managed.exits = [t for t in managed.exits if now - t < self.restart_window_s] + [now]
-            exits = len(managed.exits)
-            if exits >= self.restart_limit:
-                log.error("executor %s of %s (%s) exited with code %s, %d times within %g s: failing the deployment",
-                          handle.id, record.id, record.label, code, exits, self.restart_window_s)
-                await self._event(record, "executor-exited", f"{handle.id} code={code}")
-                await self.fail(managed, f"deployment {record.id} ({record.label}) failed: its executor exited {exits} "
-                                         f"times within {self.restart_window_s:g} s (last: {handle.id}, code {code}); "
-                                         f"the end of its log:\n{handle.log_tail()}")
+            if (managed.stopping or handle.id in managed.retiring or not managed.ready.done()
+                    or managed.ready.exception() is not None):
+                return  # stopped on purpose (all, or scaled down), or still starting (the start reports that)
+            managed.restarting += 1  # scaling waits: this executor is being replaced, not missing
+            try:
+                replaced = await self._replace(managed, handle, code)
+            finally:
+                managed.restarting -= 1
+            if replaced is None:
                 return
-            delay = min(self.restart_backoff_s * 2 ** (exits - 1), RESTART_BACKOFF_MAX_S)
-            log.warning("executor %s of %s (%s) exited with code %s; restarting it in %g s",
-                        handle.id, record.id, record.label, code, delay)
-            record.message = f"executor {handle.id} exited with code {code}; restarting in {delay:g} s"
-            await self._save(record)
+            handle = replaced
+
+    async def _replace(self, managed: ManagedDeployment, handle: ExecutorHandle, code: int) -> ExecutorHandle | None:
+        """`_watch`'s restart of the exited `handle`: the handle to watch next (the replacement, or
+        one that exited before it served), or None once there is nothing more to watch."""
+        record = managed.record
+        managed.executors.pop(handle.id, None)
+        self.resources.release(handle.id)
+        record.executors = [e for e in record.executors if e != handle.id]
+        managed.starting.discard(handle.id)  # a scale-up that exited before it served
+        now = time.monotonic()
+        managed.exits = [t for t in managed.exits if now - t < self.restart_window_s] + [now]
+        exits = len(managed.exits)
+        if exits >= self.restart_limit:
+            log.error("executor %s of %s (%s) exited with code %s, %d times within %g s: failing the deployment",
+                      handle.id, record.id, record.label, code, exits, self.restart_window_s)
             await self._event(record, "executor-exited", f"{handle.id} code={code}")
-            try:
-                await asyncio.wait_for(asyncio.shield(managed.gone), delay)
-            except TimeoutError:
-                pass
-            if managed.stopping:
-                return
-            replacement = f"{record.id[:24]}-{uuid.uuid4().hex[:6]}"
-            try:
-                self.resources.reserve(replacement, descriptor_for(managed.task).resources(), f"restart of {record.id}")
-                record.executors.append(replacement)
-                record.restarts += 1
-                record.message = f"executor {handle.id} exited with code {code}; restarted as {replacement}"
+            await self.fail(managed, f"deployment {record.id} ({record.label}) failed: its executor exited {exits} "
+                                     f"times within {self.restart_window_s:g} s (last: {handle.id}, code {code}); "
+                                     f"the end of its log:\n{handle.log_tail()}")
+            return None
+        delay = min(self.restart_backoff_s * 2 ** (exits - 1), RESTART_BACKOFF_MAX_S)
+        log.warning("executor %s of %s (%s) exited with code %s; restarting it in %g s",
+                    handle.id, record.id, record.label, code, delay)
+        record.message = f"executor {handle.id} exited with code {code}; restarting in {delay:g} s"
+        await self._save(record)
+        await self._event(record, "executor-exited", f"{handle.id} code={code}")
+        try:
+            await asyncio.wait_for(asyncio.shield(managed.gone), delay)
+        except TimeoutError:
+            pass
+        if managed.stopping:
+            return None
+        replacement = _new_executor_id(record.id)
+        try:
+            self.resources.reserve(replacement, descriptor_for(managed.task).resources(), f"restart of {record.id}")
+            record.executors.append(replacement)
+            record.restarts += 1
+            record.message = f"executor {handle.id} exited with code {code}; restarted as {replacement}"
+            await self._save(record)
+            handle = await self._launch(managed, replacement, watch=False)
+            await handle.ready()
+        except Exception as exc:
+            log.error("could not restart an executor of %s: %s", record.id, exc)
+            if replacement not in managed.executors:  # it never started: nothing will exit
+                self.resources.release(replacement)
+                record.executors = [e for e in record.executors if e != replacement]
                 await self._save(record)
-                handle = await self._launch(managed, replacement, watch=False)
-                await handle.ready()
-            except Exception as exc:
-                log.error("could not restart an executor of %s: %s", record.id, exc)
-                if replacement not in managed.executors:  # it never started: nothing will exit
-                    self.resources.release(replacement)
-                    record.executors = [e for e in record.executors if e != replacement]
-                    await self._save(record)
-                    await self.fail(managed, f"deployment {record.id} ({record.label}) failed: could not restart "
-                                             f"its executor: {exc}")
-                    return
-                continue  # it exited before it served: counts as an exit (and `handle` is that one)
-            await self._event(record, "executor-restarted", replacement)
+                await self.fail(managed, f"deployment {record.id} ({record.label}) failed: could not restart "
+                                         f"its executor: {exc}")
+                return None
+            return handle  # it exited before it served: counts as an exit
+        await self._event(record, "executor-restarted", replacement)
+        return handle
 
     async def fail(self, managed: ManagedDeployment, message: str) -> None:
         """The deployment cannot run: stop its other executors, fail what is queued (a user error,
@@ -233,12 +283,13 @@ class TaskManager:
 
     async def recover(self) -> None:
         """Start again what Redis says is deployed, at the control plane's start: a control plane that
-        died left its records (its executors died with it: `backend.guarded`). Each DEPLOYING or READY
-        deployment gets new executors (their queued invocations are then served; the new executors
-        take over the dead ones' entries); one that cannot be started (it no longer fits, its task
-        class is unknown) is FAILED and its queued invocations fail with the reason. A STOPPING one is
-        finished. Executors that still heartbeat are not ours to stop (a backend manages only what it
-        started): they are left running and serve the same queues until they exit."""
+        died left its records. Each DEPLOYING or READY deployment keeps the executors the backend can
+        adopt (pods outlive their control plane; local processes died with it: `backend.guarded`) and
+        gets new ones for the rest (their queued invocations are then served; the new executors take
+        over the dead ones' entries); one that cannot be started (it no longer fits, its task class is
+        unknown) is FAILED and its queued invocations fail with the reason. A STOPPING one is
+        finished. Executors that still heartbeat but were not adopted are not ours to stop: they are
+        left running and serve the same queues until they exit."""
         for deployment_id in sorted(_text(d) for d in await self.redis.smembers(deployments_key())):
             if deployment_id in self.deployments:
                 continue
@@ -250,7 +301,8 @@ class TaskManager:
                 if await self.redis.ttl(deployment_key(deployment_id)) == -1:  # written before FAILED ones expired
                     await self.redis.expire(deployment_key(deployment_id), FAILED_TTL_S)
                 continue
-            alive = [e for e in record.executors if await self.redis.exists(executor_key(e))]
+            adopted = await self._adopt(record)
+            alive = [e for e in record.executors if e not in adopted and await self.redis.exists(executor_key(e))]
             if alive:
                 log.warning("deployment %s (%s): executor(s) %s of the previous control plane still heartbeat; "
                             "left running", record.id, record.label, ", ".join(alive))
@@ -259,18 +311,31 @@ class TaskManager:
                                      f"stopped before this invocation ran", ErrorKind.RECOVERABLE)
                 continue
             try:
-                managed = self._admit(unit_task_from_json(record.task), max(1, record.replicas))
+                task = unit_task_from_json(record.task)
+                scaling = Replicas.model_validate(record.scaling) if record.scaling else task.replicas
+                managed = self._admit(task, scaling, max(record.replicas, scaling.min, len(adopted)), adopted)
             except Exception as exc:
+                await asyncio.gather(*(self.backend.stop_executor(h, STOP_GRACE_S) for h in adopted.values()))
                 log.error("deployment %s (%s) cannot be restarted: %s", record.id, record.label, exc)
                 await self._teardown(ManagedDeployment(record, None), f"deployment {record.id} ({record.label}) "  # type: ignore[arg-type]
                                      f"could not be restarted after the control plane restarted: {exc}",
                                      ErrorKind.USER, failed=True)
                 continue
-            log.info("deployment %s (%s): starting its executors again (the control plane restarted)",
-                     record.id, record.label)
+            log.info("deployment %s (%s): %d executor(s) adopted, %d started again (the control plane restarted)",
+                     record.id, record.label, len(adopted), len(managed.record.executors) - len(adopted))
             managed.record.restarts = record.restarts
             managed.record.message = "starting executors again (the control plane restarted)"
             asyncio.create_task(self._start(managed))
+
+    async def _adopt(self, record: Deployment) -> dict[str, ExecutorHandle]:
+        """The record's executors that still run and that the backend can manage again."""
+        adopted = {}
+        for executor_id in record.executors:
+            resources = Resources.model_validate(record.resources)
+            handle = await self.backend.adopt(ExecutorSpec(executor_id, record.id, record.task, record.node, resources))
+            if handle is not None:
+                adopted[executor_id] = handle
+        return adopted
 
     async def undeploy(self, deployment_id: str, reason: str = "undeployed") -> bool:
         """Stop the deployment's executors (they finish what they run) and free its resources; a
@@ -350,13 +415,103 @@ class TaskManager:
             if managed.stopping or record.state is not DeploymentState.READY:
                 continue
             await self.backend.ensure_sidecar(record.node)
-            if await self.store.backlog(record.id):
+            backlog = await self.store.backlog(record.id)
+            if backlog:
                 record.last_used = now  # queued or running work: busy
+            self._scale(managed, backlog)
             stored = await self.redis.hget(deployment_key(record.id), "last_used")  # clients touch it
             if stored is not None:
                 record.last_used = max(record.last_used, float(stored))
             if now - record.last_used > self.idle_ttl_s:
                 asyncio.create_task(self.undeploy(record.id, f"idle for more than {self.idle_ttl_s:g} s"))
+
+    # -- scaling on backlog -------------------------------------------------------------------------
+
+    def _scale(self, managed: ManagedDeployment, backlog: int) -> None:
+        """One step towards what the backlog asks for, within the bounds: an executor more while the
+        backlog per executor is above the bounds' threshold (any backlog with none), one fewer after
+        `idle_s` without work (or when the bounds were lowered). One change at a time: a scale-up
+        waits for the previous executor to serve, so the backlog it takes is seen before the next."""
+        scaling, count = managed.scaling, len(managed.executors)
+        now = time.monotonic()
+        if backlog:
+            managed.busy_at = now
+        if managed.starting or managed.retiring or managed.restarting:
+            return
+        if count < scaling.max and backlog > scaling.backlog_per_executor * count:
+            self._scale_up(managed, f"backlog {backlog} for {count} executor(s)")
+        elif count > scaling.max or (count > scaling.min and not backlog
+                                     and now - max(managed.busy_at, managed.scaled_at) >= scaling.idle_s):
+            reason = (f"above its maximum of {scaling.max}" if count > scaling.max
+                      else f"idle for {scaling.idle_s:g} s")
+            asyncio.create_task(self._scale_down(managed, reason))
+
+    def _scale_up(self, managed: ManagedDeployment, reason: str) -> None:
+        """Reserve and start one more executor (in the background), if the resources allow."""
+        record = managed.record
+        executor_id = _new_executor_id(record.id)
+        try:
+            self.resources.reserve(executor_id, descriptor_for(managed.task).resources(),
+                                   f"another executor of deployment {record.id} ({record.label})")
+        except InsufficientResources as exc:
+            if managed.no_room != str(exc):  # said once, not every look
+                log.warning("deployment %s (%s) stays at %d executor(s) (%s): %s", record.id, record.label,
+                            len(managed.executors), reason, exc)
+                managed.no_room = str(exc)
+            return
+        managed.no_room = ""
+        managed.starting.add(executor_id)
+        record.executors.append(executor_id)
+        record.replicas = len(record.executors)
+        asyncio.create_task(self._bring_up(managed, executor_id, reason))
+
+    async def _bring_up(self, managed: ManagedDeployment, executor_id: str, reason: str) -> None:
+        record = managed.record
+        log.info("deployment %s (%s): starting executor %s (%s)", record.id, record.label, executor_id, reason)
+        try:
+            await self._save(record)
+            handle = await self._launch(managed, executor_id)  # its watcher restarts it if it exits
+        except Exception as exc:  # it never started: nothing will exit
+            log.error("deployment %s (%s): could not start another executor: %s", record.id, record.label, exc)
+            managed.starting.discard(executor_id)
+            self.resources.release(executor_id)
+            record.executors = [e for e in record.executors if e != executor_id]
+            record.replicas = len(record.executors)
+            if not managed.stopping:
+                await self._save(record)
+            return
+        if managed.stopping:  # undeployed meanwhile: its stop did not know this one
+            await self.backend.stop_executor(handle, STOP_GRACE_S)
+            return
+        try:
+            await handle.ready()
+        except Exception as exc:  # it exited before it served: its watcher counts and restarts it
+            log.warning("deployment %s (%s): executor %s did not start: %s", record.id, record.label, executor_id, exc)
+            return
+        finally:
+            managed.starting.discard(executor_id)
+            managed.scaled_at = time.monotonic()
+        await self._event(record, "scaled-up", f"{executor_id} ({reason}); {len(managed.executors)} executor(s)")
+
+    async def _scale_down(self, managed: ManagedDeployment, reason: str) -> None:
+        """Stop the newest executor gracefully (it finishes what it runs) and free what it held."""
+        record = managed.record
+        executor_id, handle = list(managed.executors.items())[-1]
+        managed.retiring.add(executor_id)
+        log.info("deployment %s (%s): stopping executor %s (%s)", record.id, record.label, executor_id, reason)
+        try:
+            await self.backend.stop_executor(handle, STOP_GRACE_S)
+        finally:
+            managed.retiring.discard(executor_id)
+            managed.scaled_at = time.monotonic()
+        if managed.stopping:  # undeployed meanwhile: the teardown owns the record
+            return
+        managed.executors.pop(executor_id, None)
+        self.resources.release(executor_id)
+        record.executors = [e for e in record.executors if e != executor_id]
+        record.replicas = len(record.executors)
+        await self._save(record)
+        await self._event(record, "scaled-down", f"{executor_id} ({reason}); {len(managed.executors)} executor(s)")
 
     async def _prune_expired(self) -> None:
         """The deployments set keeps no id whose record expired (a FAILED one after FAILED_TTL_S)."""
@@ -387,13 +542,30 @@ class TaskManager:
     async def abandon(self) -> None:
         """This control plane was replaced: stop the executors it started (they finish what they run;
         what is queued stays for the new control plane's executors) and write nothing to Redis (the
-        deployments are the new one's)."""
+        deployments are the new one's). Executors that outlive their control plane (pods) may be the
+        new one's already (adopted): they are left running (`detach`)."""
+        if self.backend.executors_outlive_control_plane:
+            await self.detach()
+            return
         self.abandoned = True
         for managed in self.deployments.values():
             managed.stopping = True  # its watchers restart nothing
         await asyncio.gather(*(self.backend.stop_executor(handle, STOP_GRACE_S) for managed in self.deployments.values()
                                for handle in list(managed.executors.values())))
         for managed in self.deployments.values():
+            if not managed.gone.done():
+                managed.gone.set_result(None)
+        self.deployments.clear()
+
+    async def detach(self) -> None:
+        """Stop managing: leave the executors running and the records as they are, for the next
+        control plane to adopt (`recover`). For a backend whose executors outlive this process (pods),
+        when its process is stopped (a pod's restart or rollout), not undeployed."""
+        self.abandoned = True
+        for managed in self.deployments.values():
+            managed.stopping = True  # its watchers restart nothing
+            for watcher in managed.watchers:
+                watcher.cancel()
             if not managed.gone.done():
                 managed.gone.set_result(None)
         self.deployments.clear()
@@ -419,3 +591,7 @@ class TaskManager:
             pipe.persist(deployment_key(record.id))
             pipe.sadd(deployments_key(), record.id)
             await pipe.execute()
+
+
+def _new_executor_id(deployment_id: str) -> str:
+    return f"{deployment_id[:24]}-{uuid.uuid4().hex[:6]}"

@@ -39,14 +39,16 @@ from ..task.tensor_ref import TensorRef
 from .errors import SidecarError
 
 ENV_SIDECAR_ID = "CORNSERVE_SIDECAR_ID"
-SIDECAR_ID_PATTERN = r"^[A-Za-z0-9-]{1,64}$"  # no "_": it separates the id in arena file names
+#: a host's or a Kubernetes node's name (the DaemonSet's sidecars take it: dots, up to 230 characters,
+#: so that an arena file's name stays under 255); no "_": it separates the id in arena file names
+SIDECAR_ID_PATTERN = r"^[A-Za-z0-9.-]{1,230}$"
 REDIS_GRACE_S = 60.0  # Redis expires a tensor's keys this long after its sidecar's own bound, if that sidecar died
 REDIS_TIMEOUT_S = 10.0  # a stuck Redis is an error, not a hang; so blocking calls wait in shorter slices
 
 
 def default_sidecar_id() -> str:
     """`$CORNSERVE_SIDECAR_ID`, else the host name: one sidecar per node."""
-    return os.environ.get(ENV_SIDECAR_ID) or re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
+    return os.environ.get(ENV_SIDECAR_ID) or re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:230]
 
 
 def check_sidecar_id(sidecar_id: str) -> str:

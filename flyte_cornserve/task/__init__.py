@@ -15,7 +15,7 @@ from .errors import (
 )
 from .graph import Edge, TaskGraph, TaskInvocation
 from .io import TaskIO
-from .options import Resources, TaskOptions
+from .options import Replicas, Resources, TaskOptions
 from .placeholder import InputRef, OutputRef, Placeholder
 from .plan import Plan, plan_of
 from .registry import (
@@ -30,7 +30,7 @@ from .tensor_ref import DTYPE_ITEMSIZE, TensorRef, TensorSource, tensor_refs
 
 __all__ = [
     "DTYPE_ITEMSIZE", "Edge", "InputRef", "OutputRef", "Placeholder", "PlaceholderMisuseError", "Plan",
-    "ReplayMismatchError", "Resources", "Task", "TaskContext", "TaskDefinitionError", "TaskError",
+    "Replicas", "ReplayMismatchError", "Resources", "Task", "TaskContext", "TaskDefinitionError", "TaskError",
     "TaskGraph", "TaskIO", "TaskInputError", "TaskInvocation", "TaskOptions", "TensorRef", "TensorSource", "UnitTask",
     "UnknownTaskClassError", "load_plugins", "plan_of", "replay", "task_from_reference", "task_reference", "tensor_refs", "trace",
     "unit_task_class", "unit_task_classes", "unit_task_from_json",

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import TaskDefinitionError, TaskError, TaskInputError
 from .io import TaskIO
-from .options import Resources, TaskOptions
+from .options import Replicas, Resources, TaskOptions
 
 InputT = TypeVar("InputT", bound=TaskIO)
 OutputT = TypeVar("OutputT", bound=TaskIO)
@@ -96,8 +96,10 @@ class UnitTask(Task[InputT, OutputT]):
     resources: Resources | None = None
     #: how each invocation runs (retries, timeout, cache); not part of the deployment identity.
     options: TaskOptions = TaskOptions()
+    #: how many executors serve it, scaled on backlog; not part of the deployment identity.
+    replicas: Replicas = Replicas()
 
-    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"options"})
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"options", "replicas"})
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

@@ -41,6 +41,37 @@ class Resources(BaseModel):
         return quantity_bytes(self.memory)
 
 
+class Replicas(BaseModel):
+    """How many executors a deployment runs: between `min` and `max`, more while its backlog is long.
+
+    The control plane adds an executor while the backlog (invocations queued or running; a batch
+    stage's invocation carries up to 64 items, and the batch runner keeps a bounded number in flight)
+    per executor is above `backlog_per_executor`, one start at a time, as far as the resources it accounts allow;
+    it stops one executor each `idle_s` the deployment has had nothing to do, down to `min` (0: no
+    executor between runs; the first invocation starts one). Not part of the deployment identity:
+    the latest deploy request's bounds apply to the shared deployment.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min: int = Field(default=1, ge=0, le=64, description="executors kept while idle")
+    max: int = Field(default=1, ge=1, le=64, description="executors at most")
+    backlog_per_executor: int = Field(default=4, ge=1, description="scale up while the backlog per executor "
+                                      "is above this")
+    idle_s: float = Field(default=60.0, gt=0, description="seconds without work before one executor is stopped")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+    @classmethod
+    def fixed(cls, count: int) -> Replicas:
+        """Exactly `count` executors (`cornserve deploy --replicas`)."""
+        return cls(min=count, max=count)
+
+
 #: retries of recoverable failures unless a task says otherwise. Not 0: FlytePropeller counts a failed
 #: `create()` and a RETRYABLE_FAILED phase against a task's retries, so with none a blip fails the node.
 DEFAULT_RETRIES = 3

@@ -44,6 +44,16 @@ def test_bad_configuration_is_refused(sidecars, arguments: list[str], message: s
     assert sidecars.directory.keys() == set()
 
 
+def test_a_kubernetes_node_name_is_a_sidecar_id() -> None:
+    """The DaemonSet's sidecars take their node's name (deploy/base/sidecar.yaml), dots and all."""
+    from flyte_cornserve.sidecar.arena import new_arena_name
+    from flyte_cornserve.sidecar.directory import check_sidecar_id
+
+    node = "ip-10-0-1-23.us-west-2.compute.internal"
+    assert check_sidecar_id(node) == node
+    assert len(new_arena_name("n" * 230)) < 255  # the longest id's arena file name is a file name
+
+
 # --- listening beyond loopback needs the shared token ----------------------------------------------
 
 
