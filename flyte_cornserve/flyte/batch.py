@@ -49,6 +49,7 @@ from flyte_cornserve.task import (
 )
 
 from .batch_task import BatchChunk, BatchOptions, ChunkResult, HashedChunk, fan_out
+from .elastic import elastic_units, stage_task
 
 #: what a folder of images counts as images
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -74,7 +75,8 @@ def batch(task_: Task, *, manifest: Any = None, images: Any = None, prompt: Any 
         manifest=manifest, images=images,
         prompt="" if prompt is None else prompt, image_field=settings.image_field, prompt_field=settings.prompt_field,
     )
-    results = fan_out(label, reference, settings)(chunk=chunks)
+    stages = tuple(stage_task(unit) for unit in elastic_units(task_))  # encoder stages as distributed jobs
+    results = fan_out(label, reference, settings, stages)(chunk=chunks)
     return (merge_jsonl if settings.output == "jsonl" else merge_parquet)(chunks=results)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import pathlib
 import sys
 from dataclasses import dataclass
@@ -136,9 +137,11 @@ class CornserveBatchTask(PythonTask):
 class ChunkFanOut(ArrayNode):
     """The ArrayNode over a batch's chunk launch plan, with a local execution of our own."""
 
-    def __init__(self, launch_plan: LaunchPlan, task: CornserveBatchTask, concurrency: int | None) -> None:
+    def __init__(self, launch_plan: LaunchPlan, task: CornserveBatchTask, concurrency: int | None,
+                 stages: tuple[PythonTask, ...] = ()) -> None:
         super().__init__(target=launch_plan, concurrency=concurrency)
         self.batch_task = task
+        self.stages = stages
 
     def local_execute(self, ctx: Any, **kwargs: Any) -> Promise:
         """Run every chunk that Flyte's local cache does not hold, at once; return the results."""
@@ -157,8 +160,13 @@ class ChunkFanOut(ArrayNode):
         missing = [i for i, output in enumerate(outputs) if output is None]
         if missing:
             chunks = [TypeEngine.to_python_value(ctx, elements[i], BatchChunk) for i in missing]
+            staged = frozenset(stage.unit_json for stage in self.stages)
+            if self.stages:
+                _prepare_stages(chunks, staged)
+            for stage in self.stages:  # each chunk's Elastic job, one after another, as the chunk workflow runs it
+                chunks = [stage.execute(chunk=chunk) for chunk in chunks]
             result_type = TypeEngine.to_literal_type(ChunkResult)
-            for i, result in zip(missing, run_chunks_locally(task, chunks)):
+            for i, result in zip(missing, run_chunks_locally(task, chunks, staged)):
                 outputs[i] = TypeEngine.to_literal(ctx, result, ChunkResult, result_type)
                 if cached:
                     LocalTaskCache.set(task.name, task.metadata.cache_version, inputs[i], (),
@@ -166,14 +174,42 @@ class ChunkFanOut(ArrayNode):
         return Promise(var="o0", val=FlyteLiteral(collection=LiteralCollection(literals=outputs)))
 
 
+def _prepare_stages(chunks: list[BatchChunk], staged: frozenset[str]) -> None:
+    """Before a local run's stages: deploy the chunk's other unit tasks (which starts this machine's
+    sidecar), and export the sidecar's id for the stage's processes to inherit (on a cluster, a pod's
+    sidecar is its node's, through the downward API)."""
+    from flyte_cornserve.services.control import control_plane_info
+    from flyte_cornserve.sidecar.directory import ENV_SIDECAR_ID
+
+    line = ProgressLine()
+    try:
+        url = ensure_stack(line.update)
+        asyncio.run(_deploy([file_uri(chunk.rows) for chunk in chunks[:1]], url, line, staged))
+    finally:
+        line.close()
+
+    async def read() -> dict | None:
+        client = connect_async(url)
+        try:
+            return await control_plane_info(client)
+        finally:
+            await client.aclose()
+
+    info = asyncio.run(read())
+    if info and info.get("sidecars"):
+        os.environ.setdefault(ENV_SIDECAR_ID, next(iter(info["sidecars"].values())))
+
+
 _fan_outs: dict[str, tuple[CornserveBatchTask, LaunchPlan]] = {}
 
 
-def fan_out(label: str, reference: str, options: BatchOptions) -> ChunkFanOut:
+def fan_out(label: str, reference: str, options: BatchOptions, stages: tuple[PythonTask, ...] = ()) -> ChunkFanOut:
     """The fan-out node for a batch of the task `reference` (one task, workflow and launch plan per
-    task and options, shared by every workflow that runs such a batch)."""
+    task and options, shared by every workflow that runs such a batch). `stages`: tasks `chunk ->
+    chunk` that run in each chunk's workflow before its batch node (an Elastic encoder stage)."""
     settings = options.model_dump_json(include={"retries", "cache", "cache_version", "min_success_ratio", "max_in_flight"})
-    digest = hashlib.sha256(f"{reference}\n{settings}".encode()).hexdigest()[:12]
+    staged = "\n".join(stage.name for stage in stages)
+    digest = hashlib.sha256(f"{reference}\n{settings}\n{staged}".encode()).hexdigest()[:12]
     name = f"cornserve.batch.{label.split()[0].lower()}.{digest}"
     if name not in _fan_outs:
         task = CornserveBatchTask(name, label, options)
@@ -181,11 +217,13 @@ def fan_out(label: str, reference: str, options: BatchOptions) -> ChunkFanOut:
         with FlyteContextManager.with_context(ctx.with_compilation_state(None)):  # apart from the caller's workflow
             chunk_workflow = ImperativeWorkflow(name=f"{name}.chunk")
             chunk = chunk_workflow.add_workflow_input("chunk", HashedChunk)
+            for stage in stages:
+                chunk = chunk_workflow.add_entity(stage, chunk=chunk).outputs["o0"]
             node = chunk_workflow.add_entity(task, chunk=chunk)
             chunk_workflow.add_workflow_output("o0", node.outputs["o0"], python_type=ChunkResult)
         _fan_outs[name] = (task, LaunchPlan.get_or_create(chunk_workflow, name=f"{name}.chunk"))
     task, launch_plan = _fan_outs[name]
-    return ChunkFanOut(launch_plan, task, options.concurrency)
+    return ChunkFanOut(launch_plan, task, options.concurrency, stages)
 
 
 # -- running chunks on the embedded stack -------------------------------------------------------------
@@ -204,13 +242,15 @@ async def _write_decks(store: BatchStore, batches: list[Batch], folder: pathlib.
         print(f"cornserve: {batches[0].spec.label}: deck at {where}", file=sys.stderr, flush=True)
 
 
-def run_chunks_locally(task: CornserveBatchTask, chunks: list[BatchChunk]) -> list[ChunkResult]:
+def run_chunks_locally(task: CornserveBatchTask, chunks: list[BatchChunk],
+                       staged: frozenset[str] = frozenset()) -> list[ChunkResult]:
     """Run the chunks on this machine's stack (started if needed) and wait for all of them, with a
-    progress bar; Ctrl-C cancels them. Raises if one fails (below its min_success_ratio)."""
+    progress bar; Ctrl-C cancels them. Raises if one fails (below its min_success_ratio). `staged`:
+    the unit tasks (JSON) whose nodes a stage ran: not deployed ahead."""
     line = ProgressLine()
     try:
         url = ensure_stack(line.update)
-        asyncio.run(_deploy([file_uri(chunk.rows) for chunk in chunks[:1]], url, line))
+        asyncio.run(_deploy([file_uri(chunk.rows) for chunk in chunks[:1]], url, line, staged))
     finally:
         line.close()
     ctx = FlyteContextManager.current_context()
@@ -227,14 +267,16 @@ def run_chunks_locally(task: CornserveBatchTask, chunks: list[BatchChunk]) -> li
             for path, batch in zip(results, batches)]
 
 
-async def _deploy(chunk_files: list[str], url: str, progress) -> None:
+async def _deploy(chunk_files: list[str], url: str, progress, staged: frozenset[str] = frozenset()) -> None:
     """Deploy the unit tasks a chunk uses before it starts, showing what starts (the batch itself
-    would wait for them silently)."""
+    would wait for them silently); not those in `staged` (a stage ran their nodes)."""
     dispatcher = Dispatcher(connect_async(url))
     for chunk_file in chunk_files:
         header, _ = await asyncio.to_thread(read_chunk, chunk_file)
         for task in header.tasks:
-            await dispatcher.deploy(await dispatcher.route(unit_task_from_json(task)), progress)
+            unit = unit_task_from_json(task)
+            if unit.to_json() not in staged:
+                await dispatcher.deploy(await dispatcher.route(unit), progress)
 
 
 async def _run(url: str, specs: list[BatchSpec], folder: pathlib.Path) -> list[Batch]:

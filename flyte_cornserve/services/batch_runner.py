@@ -492,6 +492,7 @@ class BatchRunner:
                 await self._end_batch(running.batch, BatchState.FAILED, f"cannot read chunk {running.batch.spec.chunk}: {exc}")
                 return
             self.changes.admitted.add(running)
+            given: list[ItemRun] = []  # items with outputs a stage computed: pinned first, then queued
             cap = running.batch.spec.max_in_flight or self.max_in_flight
             while running.next < running.size and self.in_flight < self.max_in_flight and len(running.live) < cap:
                 item = items[running.next]
@@ -504,14 +505,45 @@ class BatchRunner:
                     self.changes.rows.append((running, ResultRow(i=item.i, id=item.id, state=ItemState.ERROR,
                                                                  error=item.error or "no plan")))
                     continue
-                run = ItemRun(running, item, now)
+                run = ItemRun(running, item, now, outputs={**item.done})  # a stage outside computed these
                 running.live[item.i] = run
                 self.in_flight += 1
                 self.changes.progress[id(run)] = run
-                if run.plan.nodes:
+                if item.done:
+                    given.append(run)
+                elif run.plan.nodes:
                     self._queue_ready(run)
                 else:  # nothing to run: the output is all constants
                     self._item_done(run)
+            if given:
+                await self._pin_given(given)
+                for run in given:
+                    if len(run.outputs) < len(run.plan.nodes):
+                        self._queue_ready(run)
+                    else:
+                        self._item_done(run)
+
+    async def _pin_given(self, runs: list[ItemRun]) -> None:
+        """Pin the tensors of the outputs a stage computed (it stored them unpinned: a stage that fails
+        holds nothing) once per consumer node, as a warm producer's are; a node whose tensor is gone
+        (evicted since) loses its output and is sent again."""
+        wanted: list[tuple[ItemRun, str, TensorRef, int]] = []
+        for run in runs:
+            for node in run.plan.nodes:
+                output = run.item.done.get(node.id)
+                if output is None:
+                    continue
+                task = run.batch.tasks[node.task]
+                for ref in tensor_refs(descriptor_for(task).decode_response(output)):
+                    wanted.append((run, node.id, ref, sum(node.id in other.input.needs for other in run.plan.nodes)))
+        if not wanted:
+            return
+        found = await self.lookups.pin_many([ref.id for _, _, ref, _ in wanted], [pins for *_, pins in wanted])
+        for (run, node_id, ref, _), pinned in zip(wanted, found, strict=True):
+            if pinned is None:
+                log.warning("batch %s item %s: the tensor %s a stage computed for %s is gone; computing it again",
+                            run.batch.id, run.item.id, ref.id, node_id)
+                run.outputs.pop(node_id, None)
 
     def _queue_ready(self, run: ItemRun) -> None:
         for node in run.ready():

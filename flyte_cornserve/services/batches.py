@@ -85,7 +85,9 @@ class ChunkHeader(BaseModel):
 
 
 class ChunkItem(BaseModel):
-    """One item: its index in the chunk, the user's id, and its plan (or why it has none)."""
+    """One item: its index in the chunk, the user's id, and its plan (or why it has none); `done`:
+    outputs of plan nodes that a stage outside the batch runner computed (node id -> the output, as
+    an invocation's), which the runner takes as they are."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -93,6 +95,7 @@ class ChunkItem(BaseModel):
     id: str
     plan: Plan | None = None
     error: str = ""
+    done: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 def write_chunk(path: str, header: ChunkHeader, items: list[ChunkItem]) -> str:

@@ -90,7 +90,9 @@ class UnitTask(Task[InputT, OutputT]):
     Equivalent unit tasks (same class and same configuration, `options` aside) share one deployment.
     """
 
-    #: name of the execution descriptor to use; "" means the class's default descriptor.
+    #: name of the execution descriptor to use; "" means the class's default descriptor. A task class
+    #: may also take a settings object naming one (its class's `descriptor_name`): `EncoderTask`'s
+    #: `ElasticEncode`.
     descriptor: str = ""
     #: what each executor of this task needs; None lets the descriptor decide.
     resources: Resources | None = None

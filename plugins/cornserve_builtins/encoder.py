@@ -7,9 +7,9 @@ and returns only the reference, which the consumer (typically an `LLMTask`) reso
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flyte_cornserve.descriptors import TaskExecutionDescriptor, register_descriptor
 from flyte_cornserve.task import Resources, TaskIO, TensorRef, UnitTask
@@ -32,9 +32,31 @@ class EncoderOutput(TaskIO):
     embeddings: TensorRef
 
 
+class ElasticEncode(BaseModel):
+    """The encoder stage of a batch as a distributed job (flytekitplugins-kfpytorch `Elastic`): in a
+    batch workflow, each chunk's encodes run on `nnodes` x `nproc_per_node` processes that load the
+    model for the job's hour and are gone after it, while the LLM stays on its warm deployment.
+    `nnodes > 1` is a PyTorchJob on a cluster; `nnodes == 1` runs the processes in one pod (or, under
+    `pyflyte run`, on this machine). Outside a batch (an interactive call) the task runs on a warm
+    encoder executor as with the default descriptor."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: the registered descriptor this settings object chooses
+    descriptor_name: ClassVar[str] = "ElasticEncodeDescriptor"
+
+    kind: Literal["elastic"] = "elastic"  # tells it apart from a descriptor's name in a task's JSON
+    nnodes: int = Field(default=1, ge=1, le=1024, description="nodes (pods) of the job")
+    nproc_per_node: int = Field(default=1, ge=1, le=64, description="processes per node, one GPU each")
+    max_restarts: int = Field(default=0, ge=0, le=10, description="torch elastic's restarts of the worker group")
+    micro_batch: int = Field(default=64, ge=1, le=4096, description="items each process encodes at once")
+
+
 class EncoderTask(UnitTask[EncoderInput, EncoderOutput]):
     """Encode one item of `modality` with `model_id` (e.g. the vision tower + projector of a VLM)."""
 
+    #: a registered descriptor's name, or `ElasticEncode(...)`: a batch's encoder stage as a distributed job
+    descriptor: str | ElasticEncode = ""
     modality: Modality = Modality.IMAGE
     model_id: str = Field(min_length=1)
 
@@ -56,3 +78,10 @@ class EncoderServerDescriptor(TaskExecutionDescriptor[EncoderTask]):
 
     def response_for(self, ref: TensorRef) -> dict[str, Any]:
         return EncoderOutput(embeddings=ref).model_dump(mode="json")
+
+
+@register_descriptor(EncoderTask)
+class ElasticEncodeDescriptor(EncoderServerDescriptor):
+    """`EncoderTask(descriptor=ElasticEncode(...))`: a batch's encoder stage runs as an Elastic job
+    (`flyte_cornserve.flyte.elastic`), with the encoder server's own loading and encoding code; an
+    invocation outside a batch goes to an encoder executor, as with the default descriptor."""

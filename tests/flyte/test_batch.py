@@ -216,6 +216,46 @@ def test_the_stages_overlap(use_module_stack, dataset, tmp_path):
     assert any(g.started_at < e.finished_at for g in generations for e in encodes), "the LLM waited for every encode"
 
 
+def test_node_outputs_a_stage_computed_before_the_batch_are_taken_as_they_are(use_module_stack, dataset, one_by_one,
+                                                                               tmp_path):
+    """Issue 14, step 1: a chunk item's `done` outputs (what an Elastic encoder stage will write) go
+    into its plan as they are: that node is not sent, its consumers read them. Item 0's encoder
+    output is given as another image's embeddings, so its caption is that image's."""
+    from flyte_cornserve.flyte.batch import plan_chunks
+    from flyte_cornserve.flyte.batch_task import BatchChunk, BatchOptions, fan_out, run_chunks_locally
+    from flyte_cornserve.services.batches import read_chunk, write_chunk
+    from flyte_cornserve.services.dispatcher import Dispatcher
+    from flyte_cornserve.task import task_reference
+
+    rows = manifest_rows(dataset, 4, bad=False)
+    (chunk,) = plan_chunks.task_function(task=task_reference(UNCACHED), chunk_size=100,
+                                         manifest=FlyteFile(str(write_manifest(tmp_path / "m.jsonl", rows))))
+    header, items = read_chunk(chunk.rows.path)
+    encoder_index = next(i for i, task in enumerate(header.tasks) if task["task_class"] == "EncoderTask")
+    (node,) = [node for node in items[0].plan.nodes if node.task == encoder_index]
+
+    async def encode_another() -> dict:
+        client = aioredis.Redis.from_url(use_module_stack.url)
+        try:
+            output = await Dispatcher(client).run(UNCACHED.encoder, {"data": str(dataset.images[5])})
+            return output.model_dump(mode="json")
+        finally:
+            await client.aclose()
+
+    items[0] = items[0].model_copy(update={"done": {node.id: asyncio.run(encode_another())}})
+    given = tmp_path / "chunk-given.jsonl"
+    write_chunk(str(given), header, items)
+
+    started = time.time()
+    task = fan_out(header.label, task_reference(UNCACHED), BatchOptions()).batch_task
+    (result,) = run_chunks_locally(task, [BatchChunk(rows=FlyteFile(str(given)), items=4, digest="given")])
+    captions = [row["text"] for row in read_rows(result.results.path)]
+    assert captions == [one_by_one[dataset.images[5].name], *(one_by_one[dataset.images[i].name] for i in (1, 2, 3))]
+    records = [r for r in asyncio.run(batch_records(use_module_stack.url, count=20)) if r.created_at >= started]
+    assert sum(r.items for r in records if r.label.startswith("EncoderTask")) == 3  # not item 0's
+    assert sum(r.items for r in records if r.label.startswith("LLMTask")) == 4
+
+
 async def batch_records(url: str, count: int):
     store = InvocationStore(aioredis.Redis.from_url(url))
     try:
