@@ -113,6 +113,7 @@ def stage_task(unit: UnitTask) -> Any:
     encode_stage.__name__ = encode_stage.__qualname__ = name.replace(".", "_").replace("-", "_")
     config = Elastic(nnodes=settings.nnodes, nproc_per_node=settings.nproc_per_node,
                      max_restarts=settings.max_restarts,
+                     monitor_interval=1,  # the agent's look at its ranks: kfpytorch's 5 s is a 5 s tail per chunk
                      start_method="spawn",  # a fresh interpreter per rank: no forked torch or Redis state
                      increase_shared_mem=False)  # its /dev/shm is the node's (`stage_pod_template`)
     ctx = FlyteContextManager.current_context()

@@ -308,7 +308,8 @@ class BatchRunner:
         The outcomes taken in are recorded before new work goes out: a crash in between leaves
         items whose next node is ready and not in flight, which a restart sends (once)."""
         await self._fire_timers()
-        await self._admit()
+        while await self._admit():  # items that ended as they were admitted made room: admit again now
+            await self._commit()
         await self._commit()
         await self._flush()
         await self._commit()
@@ -477,12 +478,15 @@ class BatchRunner:
 
     # -- items -----------------------------------------------------------------------------------
 
-    async def _admit(self) -> None:
-        """Admit items, oldest batch first, while fewer than `max_in_flight` are admitted."""
+    async def _admit(self) -> bool:
+        """Admit items, oldest batch first, while fewer than `max_in_flight` are admitted. True if
+        some ended as they were admitted (all their outputs given by a stage, or constants): their
+        room is free again, and waiting for the next stream read to use it would cost seconds."""
         now = time.time()
+        ended_at_once = False
         for running in self.batches.values():
             if self.in_flight >= self.max_in_flight:
-                return
+                return ended_at_once
             if running.cancelling or running.next >= running.size:
                 continue
             try:
@@ -490,7 +494,7 @@ class BatchRunner:
             except Exception as exc:  # the chunk file went away or is damaged: the batch fails
                 del self.batches[running.id]
                 await self._end_batch(running.batch, BatchState.FAILED, f"cannot read chunk {running.batch.spec.chunk}: {exc}")
-                return
+                return ended_at_once
             self.changes.admitted.add(running)
             given: list[ItemRun] = []  # items with outputs a stage computed: pinned first, then queued
             cap = running.batch.spec.max_in_flight or self.max_in_flight
@@ -515,6 +519,7 @@ class BatchRunner:
                     self._queue_ready(run)
                 else:  # nothing to run: the output is all constants
                     self._item_done(run)
+                    ended_at_once = True
             if given:
                 await self._pin_given(given)
                 for run in given:
@@ -522,6 +527,8 @@ class BatchRunner:
                         self._queue_ready(run)
                     else:
                         self._item_done(run)
+                        ended_at_once = True
+        return ended_at_once
 
     async def _pin_given(self, runs: list[ItemRun]) -> None:
         """Pin the tensors of the outputs a stage computed (it stored them unpinned: a stage that fails
