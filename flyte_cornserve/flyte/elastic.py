@@ -22,7 +22,12 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 import os
+import pathlib
+import shutil
+import tempfile
+import uuid
 from typing import Any
 
 import flytekit
@@ -44,6 +49,8 @@ from flyte_cornserve.task import Task, UnitTask, unit_task_from_json
 from flyte_cornserve.task.plan import PlanNode
 
 from .batch_task import BatchChunk, HashedChunk, file_uri
+
+log = logging.getLogger(__name__)
 
 STAGE_KIND = "elastic"  # `ElasticEncode.kind`: a descriptor settings object that asks for this stage
 
@@ -124,6 +131,67 @@ def stage_task(unit: UnitTask) -> Any:
     return stage
 
 
+class JournaledStore:
+    """The node's sidecar as the encoder handler uses it (`executors.encoder.TensorStore`), the ids of
+    each put written to this rank's journal first (flushed to disk): if the stage fails, its launching
+    process frees what the attempt stored (`discard_attempt`), a killed rank's puts included."""
+
+    def __init__(self, store: Any, journal: pathlib.Path) -> None:
+        self.store = store
+        self.journal = journal
+
+    def put_many(self, tensors: list[Any], *, pins: int, ttl: float, ids: list[str | None] | None = None,
+                 trace: list[Any] | None = None) -> list[Any]:
+        chosen = [given or uuid.uuid4().hex for given in (ids or [None] * len(tensors))]
+        with self.journal.open("a") as out:
+            out.write(json.dumps(chosen) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        return self.store.put_many(tensors, pins=pins, ttl=ttl, ids=chosen, trace=trace)
+
+    def pin_many(self, ids: list[str], pins: int | list[int] = 1) -> list[Any]:
+        return self.store.pin_many(ids, pins)
+
+    def claim_many(self, ids: list[str], claimer: str, ttl: float) -> list[bool]:
+        return self.store.claim_many(ids, claimer, ttl)
+
+    def unclaim_many(self, ids: list[str], claimer: str) -> None:
+        self.store.unclaim_many(ids, claimer)
+
+    def wait_published(self, id: str, timeout: float) -> bool:
+        return self.store.wait_published(id, timeout)
+
+
+def journals(run_id: str, agent_pid: int) -> pathlib.Path:
+    """Where the ranks of one launch keep their put journals: on their machine (each pod's agent
+    frees what its own ranks stored), by torch elastic's run id and the launching process."""
+    return pathlib.Path(tempfile.gettempdir()) / "cornserve-elastic" / f"{run_id}-{agent_pid}"
+
+
+def discard_attempt(folder: pathlib.Path) -> int:
+    """Free the tensors the journals in `folder` name that nobody holds (an attempt that failed:
+    they are unpinned, and no chunk refers to them); returns how many. The folder goes."""
+    from flyte_cornserve.sidecar.directory import Directory
+
+    ids = []
+    for journal in folder.glob("*.puts"):
+        for line in journal.read_text().splitlines():
+            try:
+                ids += json.loads(line)
+            except json.JSONDecodeError:  # the line a killed rank was writing
+                continue
+    freed = 0
+    if ids:
+        directory = Directory.connect()
+        for tensor_id in ids:
+            entry = directory.entry(tensor_id)
+            if entry is not None and entry.pins == 0:
+                directory.discard(tensor_id, entry.holder)
+                freed += 1
+    shutil.rmtree(folder, ignore_errors=True)
+    return freed
+
+
 def stage_pod_template() -> Any:
     """What a stage's pods need to reach their node's sidecar, as an executor pod has it
     (`services/pods.py`): the node's IPC namespace and /dev/shm, the sidecar's id from
@@ -172,17 +240,23 @@ def _stage_class():
             return self._name  # not prefixed with where it was made (a generated task has no module of its own)
 
         def execute(self, **kwargs: Any) -> Any:
-            """The plugin's run of the ranks; a rank killed by a signal fails the stage as recoverable."""
+            """The plugin's run of the ranks; a rank killed by a signal fails the stage as recoverable.
+            A failed attempt's outputs are freed (their journals); a successful one's are the chunk's."""
             from flytekit.exceptions.user import FlyteRecoverableException, FlyteUserRuntimeException
 
+            folder = journals(flytekit.current_context().execution_id.name, os.getpid())  # as the ranks name it
             try:
-                return super().execute(**kwargs)
-            except FlyteUserRuntimeException as exc:
-                killed = killed_rank(exc.value)
+                result = super().execute(**kwargs)
+            except BaseException as exc:
+                freed = discard_attempt(folder)
+                log.warning("%s failed; freed the %d tensors it had stored", self.name, freed)
+                killed = killed_rank(exc.value) if isinstance(exc, FlyteUserRuntimeException) else None
                 if killed is None:
                     raise
                 raise FlyteRecoverableException(
                     f"{self.name}: {killed}; the stage is retried (Flyte's retries), every rank again") from exc
+            shutil.rmtree(folder, ignore_errors=True)
+            return result
 
     return ElasticStage
 
@@ -257,8 +331,12 @@ def encode_nodes(unit: UnitTask, nodes: list[tuple[ChunkItem, PlanNode]]) -> dic
     descriptor = descriptor_for(unit)
     settings = stage_settings(unit)
 
+    folder = journals(os.environ.get("TORCHELASTIC_RUN_ID", "local"), os.getppid())  # the agent's
+    folder.mkdir(parents=True, exist_ok=True)
+    journal = folder / f"rank-{os.environ.get('RANK', '0')}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}.puts"
+
     async def encode() -> None:
-        handler = EncoderHandler(descriptor, SidecarClient())
+        handler = EncoderHandler(descriptor, JournaledStore(SidecarClient(), journal))
         # its counters, as an executor's (not served: the job's processes are short-lived; the tensor
         # cache's hit and miss counts go to Redis as an executor's do)
         handler.instrument(ExecutorMetrics(unit.deployment_id(), f"elastic-rank-{os.environ.get('RANK', '0')}"))

@@ -221,3 +221,41 @@ def test_the_encoder_stage_serializes_as_an_elastic_task_before_each_chunks_batc
     stage_node, batch_node = chunk_workflow.nodes
     assert stage_node.task_node.reference_id.name == stage.id.name
     assert batch_node.inputs[0].binding.promise.node_id == stage_node.id  # the batch reads the stage's chunk
+
+
+def test_a_failed_attempt_frees_what_its_ranks_stored_from_their_journals(on_stack: Stack, tmp_path: pathlib.Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank journals a put's ids before the put (`JournaledStore`); the launching process frees
+    those nobody holds when the stage fails (`discard_attempt`), whatever killed the rank."""
+    import torch
+
+    from flyte_cornserve.flyte.elastic import JournaledStore, discard_attempt
+    from flyte_cornserve.services.control import control_plane_info
+    from flyte_cornserve.services.dispatcher import Dispatcher
+    from flyte_cornserve.sidecar.client import SidecarClient
+    from flyte_cornserve.sidecar.directory import ENV_SIDECAR_ID
+
+    async def start_sidecar() -> str:  # the stack starts its sidecar with its first deployment
+        client = aioredis.Redis.from_url(on_stack.url)
+        try:
+            await Dispatcher(client).deploy(EncoderTask(model_id="tiny-llava"))
+            return next(iter((await control_plane_info(client))["sidecars"].values()))
+        finally:
+            await client.aclose()
+
+    monkeypatch.setenv(ENV_SIDECAR_ID, asyncio.run(start_sidecar()))
+    folder = tmp_path / "journals"
+    folder.mkdir()
+    store = JournaledStore(SidecarClient(), folder / "rank-1-0.puts")
+    (unheld,) = store.put_many([torch.ones(8)], pins=0, ttl=600)
+    (held,) = store.put_many([torch.ones(8)], pins=1, ttl=600)  # someone reads it: not the attempt's to free
+    assert [json.loads(line) for line in (folder / "rank-1-0.puts").read_text().splitlines()] == [[unheld.id], [held.id]]
+
+    directory = Directory.connect(on_stack.url)
+    assert discard_attempt(folder) == 1 and not folder.exists()
+    gone = threading.Event()
+    deadline = time.monotonic() + 30
+    while directory.entry(unheld.id) is not None and time.monotonic() < deadline:
+        gone.wait(0.05)  # the sidecar frees it when it reads its discard queue
+    assert directory.entry(unheld.id) is None
+    assert directory.entry(held.id).pins == 1
