@@ -30,7 +30,7 @@ from cornserve_builtins.mllm import MLLMTask
 from flyte_cornserve.flyte import batch
 from flyte_cornserve.flyte.batch import plan_chunks
 from flyte_cornserve.flyte.batch_task import file_uri
-from flyte_cornserve.flyte.elastic import stage_task
+from flyte_cornserve.flyte.elastic import stage_resolver, stage_task
 from flyte_cornserve.services.batches import read_chunk
 from flyte_cornserve.models.tiny import PROMPT
 from flyte_cornserve.protocol.invocations import InvocationStore, Priority
@@ -212,6 +212,8 @@ def test_the_encoder_stage_serializes_as_an_elastic_task_before_each_chunks_batc
     args = container["args"]
     assert "flyte_cornserve.flyte.elastic.stage_resolver" in args  # loaded by its resolver, from the unit task's JSON
     assert json.loads(args[-1])["config"]["descriptor"]["kind"] == "elastic"
+    loaded = stage_resolver.load_task(args[args.index("--") + 1:])  # what the pod does with those args
+    assert loaded.name == stage.id.name
     if task_type == "pytorch":  # a PyTorchJob: 4 workers of 8 processes
         assert stage.custom["workerReplicas"]["replicas"] == 4
         assert stage.custom["elasticConfig"]["nprocPerNode"] == 8 and stage.custom["elasticConfig"]["rdzvBackend"] == "c10d"
