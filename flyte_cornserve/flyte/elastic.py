@@ -6,14 +6,15 @@ chunk, before the chunk's `cornserve_batch` node (docs/architecture.md, "The Ela
 processes (ranks) reads the chunk, takes every `world`-th encoder node of the unit task (its input
 needs no other node), loads the encoder with the encoder server's own code (`EncoderHandler`) and
 runs those nodes through it, micro batch by micro batch, exactly as a warm executor runs a batch
-invocation: content-addressed outputs put into the node's sidecar with one pin per consumer. Each
-rank writes what it got to a JSON file beside the chunk (never a pickle: `gather_object` would
-pickle over the network); after a barrier, rank 0 writes the chunk again with those outputs as its
-items' `done` (an item whose encode failed becomes an error row, as in the batch runner) and returns
-it. The batch runner then sends only the other nodes.
+invocation: content-addressed outputs put into the node's sidecar, unpinned (the batch runner pins
+them for their consumers when it takes the chunk; a failed attempt's puts are freed from the ranks'
+journals). Each rank writes what it got to a JSON file beside the chunk (never a pickle:
+`gather_object` would pickle over the network); after a barrier, rank 0 writes the chunk again with
+those outputs as its items' `done` (an item whose encode failed becomes an error row, as in the
+batch runner) and returns it. The batch runner then sends only the other nodes.
 
-The tasks are made at import time of the workflow, one per unit task (its JSON is in the task's
-name's digest and in its loader args), so a pod loads one with `stage_resolver`, not from a module.
+The tasks are made while the workflow is compiled, one per unit task (named after its deployment
+id; its JSON is the task's loader args), so a pod loads one with `stage_resolver`, not from a module.
 """
 
 from __future__ import annotations
