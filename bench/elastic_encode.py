@@ -212,34 +212,17 @@ def elastic_phases(clock: dict[str, float], folder: pathlib.Path, started_at: fl
 # --- one run -----------------------------------------------------------------------------------------
 
 def run_batch(stack, workflow, manifest: pathlib.Path) -> dict:
-    """One batch, timed; its rows; the items and span of the executors' batch invocations it made."""
-    import asyncio
+    """One batch, timed (`tensor_cache.run_batch`); its rows; the items and span of the executors'
+    encoder invocations it made."""
+    import tensor_cache  # here, not at the top: the ranks import this module too
 
-    from flyte_cornserve import redis_server
-    from flyte_cornserve.protocol.invocations import RECENT_LIMIT, InvocationStore, Priority
-
-    started_at, started = time.time(), time.perf_counter()
-    rows = [json.loads(line) for line in pathlib.Path(workflow(manifest=str(manifest)).path).read_text().splitlines()]
-    wall = time.perf_counter() - started
-    failed = [row for row in rows if row["state"] != "DONE"]
-    if failed:
-        raise RuntimeError(f"{len(failed)} rows failed, e.g. {failed[0]}")
-
-    async def records():
-        store = InvocationStore(redis_server.connect_async(stack.url))
-        try:
-            return [r for r in await store.recent(RECENT_LIMIT) if r.priority is Priority.BATCH and r.created_at >= started_at]
-        finally:
-            await store.redis.aclose()
-
-    encoder = [r for r in asyncio.run(records()) if r.label.startswith("EncoderTask")]
-    figures = {"images": len(rows), "started_at": started_at, "wall_s": wall, "per_s": len(rows) / wall,
-               "executor_items": sum(r.items for r in encoder), "executor_invocations": len(encoder), "rows": rows}
-    timed = [r for r in encoder if r.started_at and r.finished_at]
-    if timed:
-        figures["executor_span"] = {"first_start_s": min(r.started_at for r in timed) - started_at,
-                                    "last_end_s": max(r.finished_at for r in timed) - started_at}
-    return figures
+    figures = tensor_cache.run_batch(stack, workflow, manifest)
+    stage = figures["encoder_stage"]
+    return {"images": figures["items"], "started_at": figures["started_at"], "wall_s": figures["wall_s"],
+            "per_s": figures["items_per_s"], "executor_items": figures["encoder_invocations"],
+            "executor_invocations": stage.get("invocations", 0), "rows": figures["rows"],
+            **({"executor_span": {"first_start_s": stage["first_start_s"], "last_end_s": stage["last_end_s"]}}
+               if stage else {})}
 
 
 def read_embeddings(rows: list[dict]) -> dict:

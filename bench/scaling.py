@@ -18,7 +18,6 @@ batch's start). Temporary files live under `$CORNSERVE_HOME/bench/scaling/`, the
 The last line: `RESULT items=N fixed_per_s scaling_per_s scaling_vs_fixed scale_ups equal_captions`.
 """
 
-import asyncio
 import json
 import pathlib
 import sys
@@ -113,6 +112,8 @@ def main(items: int, max_replicas: int) -> None:
         "scale_ups": len(scaling["scale_ups"]),
         "equal_captions": f"{equal(scaling['answers'], fixed['answers'])}/{len(fixed['answers'])}",
     }
+    for figure in figures.values():
+        figure.pop("rows", None)
     (work / "last.json").write_text(json.dumps({"figures": figures, "result": result}, indent=1))
     print()
     print(f"{'run':<10}{'rows/s':>9}{'wall s':>9}  scale-ups (s from the start)")

@@ -96,7 +96,7 @@ def workflows():
 
 
 def run_batch(stack: PrivateStack, workflow, manifest: pathlib.Path) -> dict:
-    """One batch, timed; its answers, and the items its encoder and LLM invocations carried."""
+    """One batch, timed; its rows and answers, and the items its encoder and LLM invocations carried."""
     from flyte_cornserve.protocol.invocations import InvocationStore, Priority, RECENT_LIMIT
 
     started_at, started = time.time(), time.perf_counter()
@@ -126,11 +126,11 @@ def run_batch(stack: PrivateStack, workflow, manifest: pathlib.Path) -> dict:
                 "last_end_s": max(r.finished_at for r in stage) - started_at,
                 "invocations": len(stage)}
 
-    return {"items": len(rows), "wall_s": wall, "items_per_s": len(rows) / wall,
+    return {"items": len(rows), "started_at": started_at, "wall_s": wall, "items_per_s": len(rows) / wall,
             "encoder_stage": span("EncoderTask"), "llm_stage": span("LLMTask"),
             "encoder_invocations": sum(r.items for r in found if r.label.startswith("EncoderTask")),
             "llm_invocations": sum(r.items for r in found if r.label.startswith("LLMTask")),
-            "answers": {row["id"]: row["text"] for row in rows}}
+            "answers": {row["id"]: row.get("text") for row in rows}, "rows": rows}
 
 
 def equal(a: dict[str, str], b: dict[str, str]) -> int:
@@ -186,6 +186,8 @@ def main(images: int, questions: int) -> None:
         **{f"equal_{name}_off": f"{equal(figures[name]['answers'], off)}/{len(off)}"
            for name in ("on", "renamed", "monolithic")},
     }
+    for figure in figures.values():
+        figure.pop("rows", None)
     (work / "last.json").write_text(json.dumps({"figures": figures, "result": result}, indent=1))
     print()
     print(f"{'run':<12}{'rows/s':>9}{'encoder items':>15}{'LLM items':>11}{'answers = off':>15}")

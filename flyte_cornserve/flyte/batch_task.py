@@ -181,12 +181,7 @@ def _prepare_stages(chunks: list[BatchChunk], staged: frozenset[str]) -> None:
     from flyte_cornserve.services.control import control_plane_info
     from flyte_cornserve.sidecar.directory import ENV_SIDECAR_ID
 
-    line = ProgressLine()
-    try:
-        url = ensure_stack(line.update)
-        asyncio.run(_deploy([file_uri(chunk.rows) for chunk in chunks[:1]], url, line, staged))
-    finally:
-        line.close()
+    url = _deploy_ahead(chunks, staged)
 
     async def read() -> dict | None:
         client = connect_async(url)
@@ -247,12 +242,7 @@ def run_chunks_locally(task: CornserveBatchTask, chunks: list[BatchChunk],
     """Run the chunks on this machine's stack (started if needed) and wait for all of them, with a
     progress bar; Ctrl-C cancels them. Raises if one fails (below its min_success_ratio). `staged`:
     the unit tasks (JSON) whose nodes a stage ran: not deployed ahead."""
-    line = ProgressLine()
-    try:
-        url = ensure_stack(line.update)
-        asyncio.run(_deploy([file_uri(chunk.rows) for chunk in chunks[:1]], url, line, staged))
-    finally:
-        line.close()
+    url = _deploy_ahead(chunks, staged)
     ctx = FlyteContextManager.current_context()
     folder = pathlib.Path(ctx.file_access.get_random_local_directory())
     results = [str(folder / f"results-{chunk.index:05d}.jsonl") for chunk in chunks]
@@ -265,6 +255,18 @@ def run_chunks_locally(task: CornserveBatchTask, chunks: list[BatchChunk],
         raise RuntimeError(f"{task.label}: chunk batch {failed[0].id} {failed[0].state.value.lower()}: {failed[0].message}")
     return [ChunkResult(results=FlyteFile(path), items=batch.total, succeeded=batch.done, failed=batch.failed + batch.cancelled)
             for path, batch in zip(results, batches)]
+
+
+def _deploy_ahead(chunks: list[BatchChunk], staged: frozenset[str]) -> str:
+    """This machine's stack (started if needed) with the unit tasks of the chunks deployed, but those
+    in `staged`, on a progress line; its Redis URL."""
+    line = ProgressLine()
+    try:
+        url = ensure_stack(line.update)
+        asyncio.run(_deploy([file_uri(chunk.rows) for chunk in chunks[:1]], url, line, staged))
+    finally:
+        line.close()
+    return url
 
 
 async def _deploy(chunk_files: list[str], url: str, progress, staged: frozenset[str] = frozenset()) -> None:

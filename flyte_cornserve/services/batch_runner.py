@@ -542,7 +542,7 @@ class BatchRunner:
                     continue
                 task = run.batch.tasks[node.task]
                 for ref in tensor_refs(descriptor_for(task).decode_response(output)):
-                    wanted.append((run, node.id, ref, sum(node.id in other.input.needs for other in run.plan.nodes)))
+                    wanted.append((run, node.id, ref, consumers(run.plan, node.id)))
         if not wanted:
             return
         found = await self.lookups.pin_many([ref.id for _, _, ref, _ in wanted], [pins for *_, pins in wanted])
@@ -625,8 +625,7 @@ class BatchRunner:
 
     @staticmethod
     def _consumers(entry: Entry) -> int:
-        """How many nodes of its item read the output of this entry's node: the pins its tensor gets."""
-        return sum(entry.work.node.id in node.input.needs for node in entry.work.run.plan.nodes)
+        return consumers(entry.work.run.plan, entry.work.node.id)
 
     def _take_stored(self, target: UnitTask, entries: list[Entry], ref: TensorRef) -> None:
         """Each entry's output is the stored tensor `ref` (already pinned for them)."""
@@ -849,3 +848,8 @@ class BatchRunner:
                     pipe.hdel(invocation_key(flight.id), "input", "output")
                 await pipe.execute()
             await self.store.collect(*(flight.id for flight in changes.landed))
+
+
+def consumers(plan: Plan, node_id: str) -> int:
+    """How many nodes of the plan read the output of node `node_id`: the pins its tensor gets."""
+    return sum(node_id in node.input.needs for node in plan.nodes)

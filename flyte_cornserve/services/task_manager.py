@@ -330,8 +330,8 @@ class TaskManager:
     async def _adopt(self, record: Deployment) -> dict[str, ExecutorHandle]:
         """The record's executors that still run and that the backend can manage again."""
         adopted = {}
+        resources = Resources.model_validate(record.resources)
         for executor_id in record.executors:
-            resources = Resources.model_validate(record.resources)
             handle = await self.backend.adopt(ExecutorSpec(executor_id, record.id, record.task, record.node, resources))
             if handle is not None:
                 adopted[executor_id] = handle
@@ -444,7 +444,9 @@ class TaskManager:
                                      and now - max(managed.busy_at, managed.scaled_at) >= scaling.idle_s):
             reason = (f"above its maximum of {scaling.max}" if count > scaling.max
                       else f"idle for {scaling.idle_s:g} s")
-            asyncio.create_task(self._scale_down(managed, reason))
+            executor_id, handle = list(managed.executors.items())[-1]  # the newest
+            managed.retiring.add(executor_id)  # now: the next look must not pick another
+            asyncio.create_task(self._scale_down(managed, executor_id, handle, reason))
 
     def _scale_up(self, managed: ManagedDeployment, reason: str) -> None:
         """Reserve and start one more executor (in the background), if the resources allow."""
@@ -493,11 +495,10 @@ class TaskManager:
             managed.scaled_at = time.monotonic()
         await self._event(record, "scaled-up", f"{executor_id} ({reason}); {len(managed.executors)} executor(s)")
 
-    async def _scale_down(self, managed: ManagedDeployment, reason: str) -> None:
-        """Stop the newest executor gracefully (it finishes what it runs) and free what it held."""
+    async def _scale_down(self, managed: ManagedDeployment, executor_id: str, handle: ExecutorHandle,
+                          reason: str) -> None:
+        """Stop the retiring executor gracefully (it finishes what it runs) and free what it held."""
         record = managed.record
-        executor_id, handle = list(managed.executors.items())[-1]
-        managed.retiring.add(executor_id)
         log.info("deployment %s (%s): stopping executor %s (%s)", record.id, record.label, executor_id, reason)
         try:
             await self.backend.stop_executor(handle, STOP_GRACE_S)
